@@ -1,0 +1,7 @@
+"""detr_d2: DETR (DEtection TRansformer) as a Detectron2 plugin."""
+# Importing `modeling` registers the DETR meta-architecture and backbone with Detectron2.
+from . import modeling
+from .checkpoint import DetrCheckpointer, convert_official_state_dict, safe_torch_load
+from .config import add_detr_config
+
+__all__ = ["add_detr_config", "DetrCheckpointer", "convert_official_state_dict", "modeling", "safe_torch_load"]

@@ -1,0 +1,220 @@
+"""Loading DETR weights: official DETR ``.pth`` files (converted on load), our own Detectron2
+checkpoints, local paths or URLs, always with ``torch.load(weights_only=True)``.
+
+Official checkpoints (github.com/facebookresearch/detr) store ``{"model": state_dict, ...,
+"args": argparse.Namespace}`` with a torchvision ResNet under ``backbone.0.body.``; panoptic
+ones wrap everything under ``detr.``. Their class head is indexed by dataset category id
+(COCO: 92 rows, COCO panoptic: 251 rows, the last row is "no object").
+"""
+import argparse
+import hashlib
+import logging
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from collections import Counter, OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from iopath.common.file_io import get_cache_dir
+
+logger = logging.getLogger(__name__)
+
+OFFICIAL_URL_PREFIX = "https://dl.fbaipublicfiles.com/detr/"
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8})\.pth$")  # torch.hub convention: sha256 prefix
+_TORCHVISION_RESNET = [
+    (re.compile(r"^backbone\.0\.body\.conv1\."), "backbone.stem.conv1."),
+    (re.compile(r"^backbone\.0\.body\.bn1\."), "backbone.stem.conv1.norm."),
+    (re.compile(r"^backbone\.0\.body\.layer(\d)\.(\d+)\.conv(\d)\."), None),
+    (re.compile(r"^backbone\.0\.body\.layer(\d)\.(\d+)\.bn(\d)\."), None),
+    (re.compile(r"^backbone\.0\.body\.layer(\d)\.(\d+)\.downsample\.0\."), None),
+    (re.compile(r"^backbone\.0\.body\.layer(\d)\.(\d+)\.downsample\.1\."), None),
+]
+
+
+def safe_torch_load(path: str) -> Dict:
+    """``torch.load(weights_only=True)`` that also accepts the ``argparse.Namespace`` official
+    DETR files carry under ``args``, and refuses any other pickled object with a clear error."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(
+            f"Refusing to load {path}: it contains pickled objects other than tensors, plain "
+            f"containers and argparse.Namespace, which could run code when loaded. Only load "
+            f"checkpoints you trust; re-save a trusted one as a plain state dict "
+            f"(torch.save({{'model': state_dict}}, path)). Details: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def is_official_detr_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("backbone.0.body.", "detr.backbone.0.body.")) for k in state_dict)
+
+
+def _rename_official_key(key: str) -> Tuple[str, str]:
+    """(new key, kind of change) for one key of an official state dict."""
+    if key.startswith("detr."):
+        key = key[len("detr."):]
+    if key.startswith("backbone.1."):  # learned position embedding lives beside the body
+        return "position_embedding." + key[len("backbone.1."):], "renamed"
+    m = re.match(r"^backbone\.0\.body\.(conv1|bn1)\.(.*)$", key)
+    if m:
+        target = "conv1" if m.group(1) == "conv1" else "conv1.norm"
+        return f"backbone.stem.{target}.{m.group(2)}", "renamed"
+    m = re.match(r"^backbone\.0\.body\.layer(\d)\.(\d+)\.(conv|bn)(\d)\.(.*)$", key)
+    if m:
+        stage, block, kind, idx, rest = m.groups()
+        norm = ".norm" if kind == "bn" else ""
+        return f"backbone.res{int(stage) + 1}.{block}.conv{idx}{norm}.{rest}", "renamed"
+    m = re.match(r"^backbone\.0\.body\.layer(\d)\.(\d+)\.downsample\.([01])\.(.*)$", key)
+    if m:
+        stage, block, idx, rest = m.groups()
+        norm = ".norm" if idx == "1" else ""
+        return f"backbone.res{int(stage) + 1}.{block}.shortcut{norm}.{rest}", "renamed"
+    return key, "kept"
+
+
+def convert_official_state_dict(
+    state_dict: Dict[str, torch.Tensor],
+    num_classes: int,
+    class_rows: Optional[Sequence[int]] = None,
+) -> Tuple["OrderedDict[str, torch.Tensor]", Dict[str, List[str]]]:
+    """Official DETR layout -> detr_d2 (Detectron2) layout.
+
+    Args:
+        state_dict: an official ``checkpoint["model"]``.
+        num_classes: K of the model that will load it.
+        class_rows: for each of the K contiguous classes, the checkpoint's class-head row
+            (its category id), used when the head has a different number of rows than K + 1.
+    Returns:
+        the converted state dict, and a report ``{"renamed"|"kept"|"remapped"|"dropped": keys}``.
+        The class head is kept as is when it has K + 1 rows, remapped with ``class_rows`` (plus
+        the last, "no object" row) when given, and dropped (to be re-initialised) otherwise.
+    """
+    converted: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    report: Dict[str, List[str]] = {"renamed": [], "kept": [], "remapped": [], "dropped": []}
+    for key, value in state_dict.items():
+        new_key, kind = _rename_official_key(key)
+        converted[new_key] = value
+        report[kind].append(f"{key} -> {new_key}" if kind == "renamed" else key)
+    rows = converted["class_embed.weight"].shape[0] if "class_embed.weight" in converted else None
+    if rows is not None and rows != num_classes + 1:
+        if class_rows is not None and len(class_rows) == num_classes and max(class_rows) < rows - 1:
+            index = torch.as_tensor(list(class_rows) + [rows - 1])
+            for name in ("class_embed.weight", "class_embed.bias"):
+                converted[name] = converted[name][index].clone()
+                report["remapped"].append(f"{name} ({rows} rows -> {num_classes} classes + no-object)")
+        else:
+            for name in ("class_embed.weight", "class_embed.bias"):
+                converted.pop(name)
+                report["dropped"].append(name)
+    return converted, report
+
+
+def download_weights(url: str, cache_dir: Optional[str] = None, timeout: float = 15.0) -> str:
+    """Download ``url`` once into Detectron2's (iopath's) cache and return the local path.
+
+    The 8 hex digits of official file names (``detr-r50-e632da11.pth``) are a sha256 prefix and
+    are checked. Offline, fails at once with what to pass instead.
+    """
+    cache_dir = cache_dir or os.path.join(get_cache_dir(), "detr_d2")
+    filename = os.path.basename(urllib.request.urlparse(url).path)
+    local = os.path.join(cache_dir, filename)
+    if os.path.isfile(local):
+        return local
+    os.makedirs(cache_dir, exist_ok=True)
+    logger.info(f"Downloading {url} to {local} ...")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            with tempfile.NamedTemporaryFile(dir=cache_dir, delete=False) as tmp:
+                shutil.copyfileobj(response, tmp)
+    except (urllib.error.URLError, OSError) as e:
+        raise RuntimeError(
+            f"Could not download MODEL.WEIGHTS={url} ({e}). This machine may be offline. "
+            f"Download the file on a machine with internet access, copy it here, and pass its "
+            f"local path instead: MODEL.WEIGHTS /path/to/{filename}"
+        ) from None
+    expected = _HASH_IN_NAME.search(filename)
+    if expected:
+        digest = hashlib.sha256()
+        with open(tmp.name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        if not digest.hexdigest().startswith(expected.group(1)):
+            os.unlink(tmp.name)
+            raise RuntimeError(
+                f"Checksum mismatch for {url}: sha256 starts with {digest.hexdigest()[:8]}, "
+                f"the file name says {expected.group(1)}. The download is corrupt; try again."
+            )
+    os.replace(tmp.name, local)
+    return local
+
+
+class DetrCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` that loads official DETR files and loads everything safely.
+
+    Args:
+        class_rows: see :func:`convert_official_state_dict`; set it when the model's classes are
+            a subset of the checkpoint's (e.g. the 80 COCO classes of a 92-row head).
+    Other arguments are those of ``DetectionCheckpointer``.
+    """
+
+    def __init__(self, model, save_dir: str = "", *, class_rows: Optional[Sequence[int]] = None, **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.class_rows = class_rows
+
+    def load(self, path: str, *args, **kwargs):
+        if path and re.match(r"^https?://", path):
+            path = download_weights(path)
+        return super().load(path, *args, **kwargs)
+
+    def _torch_load(self, f: str) -> Dict:
+        loaded = safe_torch_load(f)
+        if isinstance(loaded, dict) and is_official_detr_state_dict(loaded.get("model", loaded)):
+            # keep only the weights: the official optimizer/scheduler states do not apply here
+            return {"model": loaded.get("model", loaded), "__official_detr__": True}
+        return loaded
+
+    def _load_model(self, checkpoint: Dict):
+        model = self._unwrapped_model()
+        if checkpoint.pop("__official_detr__", False):
+            checkpoint["model"], report = convert_official_state_dict(
+                checkpoint["model"], model.num_classes, self.class_rows
+            )
+            counts = Counter({k: len(v) for k, v in report.items()})
+            logger.info(
+                "Converted an official DETR checkpoint: "
+                + ", ".join(f"{n} {k}" for k, n in counts.items())
+            )
+            for line in report["remapped"]:
+                logger.info(f"Remapped class head to the dataset's classes: {line}")
+        self._reinit_mismatched_heads(checkpoint["model"], model)
+        return super()._load_model(checkpoint)
+
+    def _unwrapped_model(self):
+        return getattr(self.model, "module", self.model)
+
+    def _reinit_mismatched_heads(self, state_dict: Dict[str, torch.Tensor], model) -> None:
+        """Drop (so they keep their fresh initialisation) the class head and query embeddings
+        when their sizes differ from the model's, with one clear log line each."""
+        own = model.state_dict()
+        checks = [
+            ("class_embed", ("class_embed.weight", "class_embed.bias"), "classes", 1),
+            ("query_embed", ("query_embed.weight",), "queries", 0),
+        ]
+        for head, keys, what, extra in checks:
+            shapes = {k: tuple(state_dict[k].shape) for k in keys if k in state_dict and k in own}
+            if any(shapes[k] != tuple(own[k].shape) for k in shapes):
+                ckpt_n = shapes[keys[0]][0] - extra
+                model_n = own[keys[0]].shape[0] - extra
+                for k in keys:
+                    state_dict.pop(k, None)
+                logger.info(
+                    f"Re-initialised {head}: the checkpoint has {ckpt_n} {what}, the model "
+                    f"{model_n} (MODEL.DETR.{'NUM_CLASSES' if what == 'classes' else 'NUM_OBJECT_QUERIES'})."
+                )

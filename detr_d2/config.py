@@ -1,0 +1,51 @@
+"""Config keys of detr_d2, added to a Detectron2 ``CfgNode`` by :func:`add_detr_config`."""
+from detectron2.config import CfgNode as CN
+
+
+def add_detr_config(cfg: CN) -> None:
+    """Add every DETR hyper-parameter to ``cfg`` (defaults = the official DETR R50 recipe)."""
+    cfg.MODEL.DETR = CN()
+    # Backbone output fed to the transformer (the last, stride-32 or DC5 stride-16 map).
+    cfg.MODEL.DETR.IN_FEATURE = "res5"
+    # Number of object classes K; the head predicts K + 1 logits, the last one is "no object".
+    cfg.MODEL.DETR.NUM_CLASSES = 80
+    # Number of object queries N (paper Sec. 3.2); official checkpoints use 100.
+    cfg.MODEL.DETR.NUM_OBJECT_QUERIES = 100
+    # Transformer width d (paper Sec. 3.2).
+    cfg.MODEL.DETR.HIDDEN_DIM = 256
+    # Attention heads M in every multi-head attention.
+    cfg.MODEL.DETR.NHEADS = 8
+    # Number of encoder layers.
+    cfg.MODEL.DETR.ENC_LAYERS = 6
+    # Number of decoder layers.
+    cfg.MODEL.DETR.DEC_LAYERS = 6
+    # Hidden size of the feed-forward network in each transformer layer.
+    cfg.MODEL.DETR.DIM_FEEDFORWARD = 2048
+    # Dropout in the transformer (off in eval mode).
+    cfg.MODEL.DETR.DROPOUT = 0.1
+    # LayerNorm before attention/FFN instead of after (official default: post-norm, False).
+    cfg.MODEL.DETR.PRE_NORM = False
+    # Spatial position encoding: "sine" (official, parameter-free) or "learned" (50x50 table).
+    cfg.MODEL.DETR.POSITION_EMBEDDING = "sine"
+    # Auxiliary decoding losses after every decoder layer (paper Sec. 3.2, "deep supervision").
+    cfg.MODEL.DETR.DEEP_SUPERVISION = True
+
+    # Hungarian matcher costs (paper Eq. 1 and 2): class probability, L1 box, generalized IoU.
+    cfg.MODEL.DETR.COST_CLASS = 1.0
+    cfg.MODEL.DETR.COST_BBOX = 5.0
+    cfg.MODEL.DETR.COST_GIOU = 2.0
+    # Loss weights: cross-entropy, L1 box (lambda_L1) and GIoU (lambda_iou) of paper Eq. 2.
+    cfg.MODEL.DETR.CLASS_WEIGHT = 1.0
+    cfg.MODEL.DETR.L1_WEIGHT = 5.0
+    cfg.MODEL.DETR.GIOU_WEIGHT = 2.0
+    # Down-weighting of the "no object" class in the cross-entropy (paper Sec. 3.1: factor 10).
+    cfg.MODEL.DETR.NO_OBJECT_WEIGHT = 0.1
+
+    # Learning-rate multiplier of the backbone (official: 1e-5 vs 1e-4 for the transformer).
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Optimizer: "ADAMW" (official) or "SGD" (Detectron2's default).
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+
+    # Official crop augmentation: resize the shorter side to one of these, then crop
+    # (INPUT.CROP.SIZE, "absolute_range") and resize again to INPUT.MIN_SIZE_TRAIN.
+    cfg.INPUT.CROP.PRE_RESIZE = [400, 500, 600]

@@ -1,0 +1,214 @@
+"""The DETR encoder-decoder transformer (paper Sec. 3.2, Fig. 10).
+
+Sequence-first layout, as ``nn.MultiheadAttention`` expects by default:
+    S = H*W memory tokens (feature map flattened row-major, padded positions included),
+    Q = object queries, N = batch, C = hidden dim.
+Module and parameter names follow the official implementation, so official checkpoints load
+without renaming the transformer.
+"""
+import copy
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _with_pos(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if pos is None else x + pos
+
+
+def _clones(module: nn.Module, n: int) -> nn.ModuleList:
+    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Self-attention + FFN; position added to queries and keys only (not to values)."""
+
+    def __init__(
+        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, normalize_before: bool
+    ):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+
+    def _attend(self, x, pos, key_padding_mask):
+        q = k = _with_pos(x, pos)
+        return self.self_attn(q, k, value=x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+
+    def _ffn(self, x):
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+    def forward(
+        self, src: torch.Tensor, key_padding_mask: Optional[torch.Tensor], pos: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """src, pos: [S, N, C]; key_padding_mask: bool [N, S], True on padding."""
+        if self.normalize_before:
+            src = src + self.dropout1(self._attend(self.norm1(src), pos, key_padding_mask))
+            return src + self.dropout2(self._ffn(self.norm2(src)))
+        src = self.norm1(src + self.dropout1(self._attend(src, pos, key_padding_mask)))
+        return self.norm2(src + self.dropout2(self._ffn(src)))
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Query self-attention, cross-attention to the memory, FFN."""
+
+    def __init__(
+        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, normalize_before: bool
+    ):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+
+    def _self_attend(self, x, query_pos):
+        q = k = _with_pos(x, query_pos)
+        return self.self_attn(q, k, value=x, need_weights=False)[0]
+
+    def _cross_attend(self, x, memory, memory_key_padding_mask, pos, query_pos):
+        return self.multihead_attn(
+            query=_with_pos(x, query_pos),
+            key=_with_pos(memory, pos),
+            value=memory,
+            key_padding_mask=memory_key_padding_mask,
+            need_weights=False,
+        )[0]
+
+    def _ffn(self, x):
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        memory_key_padding_mask: Optional[torch.Tensor],
+        pos: Optional[torch.Tensor],
+        query_pos: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """tgt, query_pos: [Q, N, C]; memory, pos: [S, N, C]; mask: bool [N, S]."""
+        if self.normalize_before:
+            tgt = tgt + self.dropout1(self._self_attend(self.norm1(tgt), query_pos))
+            tgt = tgt + self.dropout2(
+                self._cross_attend(self.norm2(tgt), memory, memory_key_padding_mask, pos, query_pos)
+            )
+            return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
+        tgt = self.norm1(tgt + self.dropout1(self._self_attend(tgt, query_pos)))
+        tgt = self.norm2(
+            tgt
+            + self.dropout2(
+                self._cross_attend(tgt, memory, memory_key_padding_mask, pos, query_pos)
+            )
+        )
+        return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
+
+
+class TransformerEncoder(nn.Module):
+    def __init__(self, layer: nn.Module, num_layers: int, norm: Optional[nn.Module]):
+        super().__init__()
+        self.layers = _clones(layer, num_layers)
+        self.norm = norm  # only with pre-norm: post-norm layers already end with a LayerNorm
+
+    def forward(self, src, key_padding_mask, pos):
+        for layer in self.layers:
+            src = layer(src, key_padding_mask, pos)
+        return src if self.norm is None else self.norm(src)
+
+
+class TransformerDecoder(nn.Module):
+    def __init__(self, layer: nn.Module, num_layers: int, norm: nn.Module, return_intermediate: bool):
+        super().__init__()
+        self.layers = _clones(layer, num_layers)
+        self.norm = norm
+        self.return_intermediate = return_intermediate
+
+    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos) -> torch.Tensor:
+        """Returns [L, Q, N, C]: every layer's normed output (L = num_layers) or the last only."""
+        intermediate = []
+        for layer in self.layers:
+            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos)
+            if self.return_intermediate:
+                intermediate.append(self.norm(tgt))
+        if self.return_intermediate:
+            return torch.stack(intermediate)
+        return self.norm(tgt).unsqueeze(0)
+
+
+class Transformer(nn.Module):
+    """Encoder over the flattened feature map, decoder over the learned object queries."""
+
+    def __init__(
+        self,
+        d_model: int = 512,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        normalize_before: bool = False,
+        return_intermediate_dec: bool = False,
+    ):
+        super().__init__()
+        if d_model % nhead != 0:
+            raise ValueError(
+                f"MODEL.DETR.HIDDEN_DIM ({d_model}) must be divisible by MODEL.DETR.NHEADS ({nhead})."
+            )
+        encoder_layer = TransformerEncoderLayer(
+            d_model, nhead, dim_feedforward, dropout, normalize_before
+        )
+        self.encoder = TransformerEncoder(
+            encoder_layer, num_encoder_layers, nn.LayerNorm(d_model) if normalize_before else None
+        )
+        decoder_layer = TransformerDecoderLayer(
+            d_model, nhead, dim_feedforward, dropout, normalize_before
+        )
+        self.decoder = TransformerDecoder(
+            decoder_layer, num_decoder_layers, nn.LayerNorm(d_model), return_intermediate_dec
+        )
+        self.d_model = d_model
+        self.nhead = nhead
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        # official init: Xavier-uniform for every matrix, PyTorch defaults for the rest
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(
+        self, src: torch.Tensor, mask: torch.Tensor, query_embed: torch.Tensor, pos_embed: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            src: [N, C, H, W] projected backbone features.
+            mask: bool [N, H, W], True on padding.
+            query_embed: [Q, C] learned object queries (added as positions in every decoder layer).
+            pos_embed: [N, C, H, W] spatial position encoding.
+        Returns:
+            hs: [L, N, Q, C] decoder outputs (L = decoder layers, or 1 without intermediates);
+            memory: [N, C, H, W] encoder output.
+        """
+        n, c, h, w = src.shape
+        src = src.flatten(2).permute(2, 0, 1)  # [S, N, C]
+        pos_embed = pos_embed.flatten(2).permute(2, 0, 1)  # [S, N, C]
+        query_embed = query_embed.unsqueeze(1).repeat(1, n, 1)  # [Q, N, C]
+        mask = mask.flatten(1)  # [N, S]
+        tgt = torch.zeros_like(query_embed)  # decoder input is zeros; queries enter as positions
+        memory = self.encoder(src, mask, pos_embed)
+        hs = self.decoder(tgt, memory, mask, pos_embed, query_embed)
+        return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(n, c, h, w)
