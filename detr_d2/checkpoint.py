@@ -92,27 +92,24 @@ def convert_official_state_dict(
         class_rows: for each of the K contiguous classes, the checkpoint's class-head row
             (its category id), used when the head has a different number of rows than K + 1.
     Returns:
-        the converted state dict, and a report ``{"renamed"|"kept"|"remapped"|"dropped": keys}``.
-        The class head is kept as is when it has K + 1 rows, remapped with ``class_rows`` (plus
-        the last, "no object" row) when given, and dropped (to be re-initialised) otherwise.
+        the converted state dict, and a report ``{"renamed"|"kept"|"remapped": keys}``. The class
+        head is remapped with ``class_rows`` (plus the last, "no object" row) when it has not K + 1
+        rows and ``class_rows`` fits it; otherwise it is left as is (the checkpointer then
+        re-initialises a head of the wrong size).
     """
     converted: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-    report: Dict[str, List[str]] = {"renamed": [], "kept": [], "remapped": [], "dropped": []}
+    report: Dict[str, List[str]] = {"renamed": [], "kept": [], "remapped": []}
     for key, value in state_dict.items():
         new_key, kind = _rename_official_key(key)
         converted[new_key] = value
         report[kind].append(f"{key} -> {new_key}" if kind == "renamed" else key)
     rows = converted["class_embed.weight"].shape[0] if "class_embed.weight" in converted else None
-    if rows is not None and rows != num_classes + 1:
-        if class_rows is not None and len(class_rows) == num_classes and max(class_rows) < rows - 1:
-            index = torch.as_tensor(list(class_rows) + [rows - 1])
-            for name in ("class_embed.weight", "class_embed.bias"):
-                converted[name] = converted[name][index].clone()
-                report["remapped"].append(f"{name} ({rows} rows -> {num_classes} classes + no-object)")
-        else:
-            for name in ("class_embed.weight", "class_embed.bias"):
-                converted.pop(name)
-                report["dropped"].append(name)
+    remappable = class_rows is not None and len(class_rows) == num_classes and max(class_rows) < rows - 1 if rows else False
+    if rows is not None and rows != num_classes + 1 and remappable:
+        index = torch.as_tensor(list(class_rows) + [rows - 1])
+        for name in ("class_embed.weight", "class_embed.bias"):
+            converted[name] = converted[name][index].clone()
+            report["remapped"].append(f"{name} ({rows} rows -> {num_classes} classes + no-object)")
     return converted, report
 
 

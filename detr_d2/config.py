@@ -46,6 +46,10 @@ def add_detr_config(cfg: CN) -> None:
     # Optimizer: "ADAMW" (official) or "SGD" (Detectron2's default).
     cfg.SOLVER.OPTIMIZER = "ADAMW"
 
+    # COCO-format datasets to register before training, as [[name, json_file, image_root], ...];
+    # name them in DATASETS.TRAIN / DATASETS.TEST. Relative paths are relative to the working dir.
+    cfg.DATASETS.REGISTER_COCO = []
+
     # Official crop augmentation: resize the shorter side to one of these, then crop
     # (INPUT.CROP.SIZE, "absolute_range") and resize again to INPUT.MIN_SIZE_TRAIN.
     cfg.INPUT.CROP.PRE_RESIZE = [400, 500, 600]

@@ -1,7 +1,33 @@
-"""Detectron2 ResNet with torchvision's layout, as the official DETR checkpoints expect."""
+"""Detectron2 ResNets with torchvision's layout, as the official DETR checkpoints expect."""
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet, build_resnet_backbone
+
+_BASIC_BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
+
+
+def _build_basic_block_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
+    """ResNet-18/34 of any width: ``RESNETS.STEM_OUT_CHANNELS`` and ``RES2_OUT_CHANNELS`` (doubled
+    at each stage) are free here, where Detectron2 insists on 64. Narrow variants make small
+    CPU models (see configs/detr_face_sample.yaml); with 64 this is Detectron2's R18/R34."""
+    resnets = cfg.MODEL.RESNETS
+    if resnets.RES5_DILATION != 1:
+        raise ValueError("MODEL.RESNETS.RES5_DILATION must be 1 for ResNet-18/34 (no DC5 variant).")
+    stem = BasicStem(input_shape.channels, resnets.STEM_OUT_CHANNELS, norm=resnets.NORM)
+    in_channels, out_channels, stages = resnets.STEM_OUT_CHANNELS, resnets.RES2_OUT_CHANNELS, []
+    for i, num_blocks in enumerate(_BASIC_BLOCKS_PER_STAGE[resnets.DEPTH]):
+        stages.append(
+            ResNet.make_stage(
+                BasicBlock,
+                num_blocks,
+                stride_per_block=[1 if i == 0 else 2] + [1] * (num_blocks - 1),
+                in_channels=in_channels,
+                out_channels=out_channels,
+                norm=resnets.NORM,
+            )
+        )
+        in_channels, out_channels = out_channels, out_channels * 2
+    return ResNet(stem, stages, out_features=resnets.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
 
 
 @BACKBONE_REGISTRY.register()
@@ -14,6 +40,8 @@ def build_detr_resnet_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
     Use with ``RESNETS.STRIDE_IN_1X1 False`` (stride on the 3x3 conv, as torchvision) and
     ``RESNETS.NORM "FrozenBN"``.
     """
+    if cfg.MODEL.RESNETS.DEPTH in _BASIC_BLOCKS_PER_STAGE:
+        return _build_basic_block_resnet(cfg, input_shape)
     backbone = build_resnet_backbone(cfg, input_shape)
     if cfg.MODEL.RESNETS.RES5_DILATION == 2:
         conv = backbone.res5[0].conv2

@@ -5,7 +5,7 @@ Shapes: N images, Q object queries, K classes (+1 "no object" logit), C hidden d
 L decoder layers, H x W the transformer's input feature map.
 """
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList
 from torch import nn
 
+from ..checkpoint import convert_official_state_dict, is_official_detr_state_dict
 from .box_ops import box_xyxy_to_cxcywh
 from .criterion import SetCriterion, build_weight_dict
 from .matcher import HungarianMatcher
@@ -150,6 +151,19 @@ class Detr(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept an official DETR state dict (torchvision backbone names, optional ``detr.``
+        prefix) in plain ``load_state_dict`` too; :class:`DetrCheckpointer` converts it first and
+        also remaps the class head, which needs the dataset's category ids."""
+        local = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if is_official_detr_state_dict(local):
+            logger.warning("Loading an official DETR state dict: converting its keys on load.")
+            converted, _ = convert_official_state_dict(local, self.num_classes)
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                del state_dict[key]
+            state_dict.update({prefix + k: v for k, v in converted.items()})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------- shared trunk
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:

@@ -60,6 +60,12 @@ class HungarianMatcher(nn.Module):
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         cost = cost.view(n, q, -1).cpu()
+        if not torch.isfinite(cost).all():
+            bad = [name for name, t in (("pred_logits", pred_logits), ("pred_boxes", pred_boxes)) if not torch.isfinite(t).all()]
+            raise FloatingPointError(
+                f"Non-finite matching cost (non-finite {bad or 'GIoU of degenerate boxes'}): the "
+                "model has diverged; lower SOLVER.BASE_LR or check the input data."
+            )
         indices = []
         for i, c in enumerate(cost.split(sizes, -1)):
             pred_idx, gt_idx = linear_sum_assignment(c[i])
