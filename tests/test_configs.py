@@ -1,0 +1,72 @@
+"""Every YAML in configs/ loads with add_detr_config and builds a model."""
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from conftest import CONFIGS, make_cfg
+from detr_d2 import add_detr_config
+
+CONFIG_FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_config_loads_and_builds(name):
+    cfg = make_cfg(CONFIGS / name)
+    model = build_model(cfg)
+    assert type(model).__name__ == "Detr"
+    assert model.class_embed.out_features == cfg.MODEL.DETR.NUM_CLASSES + 1
+    assert model.query_embed.num_embeddings == cfg.MODEL.DETR.NUM_OBJECT_QUERIES
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if cfg.MODEL.BACKBONE.FREEZE_AT >= 2:
+        assert not any(n.startswith(("backbone.stem.", "backbone.res2.")) for n in trainable)
+
+
+def test_official_configs_match_the_recipe():
+    cfg = make_cfg(CONFIGS / "detr_r50.yaml")
+    assert cfg.SOLVER.IMS_PER_BATCH == 64 and cfg.SOLVER.BASE_LR == 1e-4
+    epochs = cfg.SOLVER.MAX_ITER * 64 / 118287
+    assert round(epochs) == 500 and round(cfg.SOLVER.STEPS[0] * 64 / 118287) == 400
+    assert cfg.INPUT.FORMAT == "RGB" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+
+
+def test_dc5_first_res5_block_is_undilated():
+    model = build_model(make_cfg(CONFIGS / "detr_r50_dc5.yaml"))
+    assert model.backbone.res5[0].conv2.dilation == (1, 1)
+    assert all(block.conv2.dilation == (2, 2) for block in model.backbone.res5[1:])
+    assert model.backbone.output_shape()["res5"].stride == 16
+
+
+def test_unknown_key_fails_with_the_key_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('_BASE_: "%s"\nMODEL:\n  DETR:\n    NUM_CLASSE: 3\n' % (CONFIGS / "Base-DETR.yaml"))
+    cfg = get_cfg()
+    add_detr_config(cfg)
+    with pytest.raises(KeyError, match="NUM_CLASSE"):
+        cfg.merge_from_file(str(bad))
+
+
+@pytest.mark.parametrize("key,value", [("MODEL.DETR.POSITION_EMBEDDING", "random"), ("MODEL.DETR.NHEADS", 7)])
+def test_invalid_values_rejected_with_key(key, value):
+    cfg = make_cfg(opts=[key, value])
+    with pytest.raises(ValueError, match=key.rsplit(".", 1)[1]):
+        build_model(cfg)
+
+
+def test_bgr_input_is_reordered_to_rgb():
+    """The backbone always sees RGB: a BGR image with BGR statistics gives the same outputs."""
+    from conftest import tiny_cfg
+
+    rgb_cfg = tiny_cfg()
+    bgr_cfg = tiny_cfg()
+    bgr_cfg.INPUT.FORMAT = "BGR"
+    bgr_cfg.MODEL.PIXEL_MEAN = rgb_cfg.MODEL.PIXEL_MEAN[::-1]
+    bgr_cfg.MODEL.PIXEL_STD = rgb_cfg.MODEL.PIXEL_STD[::-1]
+    torch.manual_seed(0)
+    rgb = build_model(rgb_cfg).eval()
+    bgr = build_model(bgr_cfg).eval()
+    bgr.load_state_dict(rgb.state_dict())
+    image = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8)
+    a = rgb.predict_raw([{"image": image}])["pred_logits"]
+    b = bgr.predict_raw([{"image": image.flip(0)}])["pred_logits"]
+    assert torch.allclose(a, b, atol=1e-5)
