@@ -1,0 +1,55 @@
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from conftest import tiny_cfg
+from detr_d2.solver import build_detr_optimizer
+
+
+def test_param_groups_backbone_multiplier_and_frozen_left_out():
+    cfg = tiny_cfg()
+    cfg.MODEL.BACKBONE.FREEZE_AT = 2
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.BACKBONE_MULTIPLIER = 1e-4, 0.1
+    model = build_model(cfg)
+    optimizer = build_detr_optimizer(cfg, model)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert id(param) not in lr_of, f"frozen {name} given to the optimizer"
+        elif name.startswith("backbone."):
+            assert lr_of[id(param)] == pytest.approx(1e-5), name
+        else:
+            assert lr_of[id(param)] == pytest.approx(1e-4), name
+    assert not any(n.startswith("backbone.res2.") and p.requires_grad for n, p in model.named_parameters())
+
+
+def test_full_model_gradient_clipping():
+    """The global norm over all parameters is clipped to CLIP_VALUE before the update."""
+    cfg = tiny_cfg()
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    cfg.SOLVER.MOMENTUM = 0.0
+    cfg.SOLVER.WEIGHT_DECAY = cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0, 1.0
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
+    model = torch.nn.Module()
+    model.a, model.b = a, b
+    optimizer = build_detr_optimizer(cfg, model)
+    a.grad, b.grad = torch.full((3,), 3.0), torch.full((4,), 4.0)  # global norm sqrt(27 + 64)
+    optimizer.step()
+    step = torch.cat([a.detach(), b.detach()])
+    assert step.norm().item() == pytest.approx(0.1, rel=1e-5)
+    assert (step[:3] / step[3:4]).tolist() == pytest.approx([0.75] * 3)  # direction kept
+
+
+def test_unknown_optimizer_and_clip_type_rejected():
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    cfg.SOLVER.OPTIMIZER = "LAMB"
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER"):
+        build_detr_optimizer(cfg, model)
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "value"
+    with pytest.raises(ValueError, match="CLIP_TYPE"):
+        build_detr_optimizer(cfg, model)
