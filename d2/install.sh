@@ -35,8 +35,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-if "$py" -c 'import detectron2' 2>/dev/null; then
-  echo "[d2] Detectron2 found: $("$py" -c 'import detectron2, os; print(os.path.dirname(detectron2.__file__))')"
+# Import checks run outside the checkout, so the source folder cannot pass for an installed package.
+in_root() { (cd / && "$py" "$@"); }
+if in_root -c 'import detectron2' 2>/dev/null; then
+  echo "[d2] Detectron2 found: $(in_root -c 'import detectron2, os; print(os.path.dirname(detectron2.__file__))')"
 else
   echo "[d2] installing Detectron2's Python code from sal-detectron2==$sal_version"
   tmp=$(mktemp -d)
@@ -46,10 +48,11 @@ else
   site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   rm -f "$tmp"/detectron2/_C*.so
   cp -r "$tmp/detectron2" "$site/"
-  "$py" -c 'import detectron2; print("[d2] Detectron2", detectron2.__version__, "installed (no compiled _C)")'
+  in_root -c 'import detectron2; print("[d2] Detectron2", detectron2.__version__, "installed (no compiled _C)")'
 fi
 
-if ! "$py" -c 'import detr_d2' 2>/dev/null; then
+installed=$(in_root -c 'import detr_d2, os; print(os.path.dirname(os.path.dirname(os.path.abspath(detr_d2.__file__))))' 2>/dev/null || true)
+if [ "$installed" != "$repo" ]; then
   echo "[d2] installing detr_d2 (editable)"
   "$py" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$repo"
 fi
