@@ -152,6 +152,20 @@ def download_weights(url: str, cache_dir: Optional[str] = None, timeout: float =
     return local
 
 
+def _atomic_write(path: str, write) -> None:
+    """Write a file through ``write(binary_file)`` to a temporary name, then rename it."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 class DetrCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` that loads official DETR files and loads everything safely.
 
@@ -164,6 +178,26 @@ class DetrCheckpointer(DetectionCheckpointer):
     def __init__(self, model, save_dir: str = "", *, class_rows: Optional[Sequence[int]] = None, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.class_rows = class_rows
+
+    def save(self, name: str, **kwargs) -> None:
+        """Like fvcore's ``save``, but atomic: the file is written beside its final name, flushed
+        to disk and renamed, and ``last_checkpoint`` is updated the same way afterwards, so a run
+        killed at any moment leaves the previous good checkpoint in place."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        _atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        _atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
 
     def load(self, path: str, *args, **kwargs):
         if path and re.match(r"^https?://", path):

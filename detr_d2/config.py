@@ -41,6 +41,27 @@ def add_detr_config(cfg: CN) -> None:
     # Down-weighting of the "no object" class in the cross-entropy (paper Sec. 3.1: factor 10).
     cfg.MODEL.DETR.NO_OBJECT_WEIGHT = 0.1
 
+    # Segmentation: MODEL.MASK_ON (Detectron2's key) adds DETR's mask head (paper Sec. 4.4).
+    # Train only the mask head; backbone, transformer and box/class heads are frozen (official
+    # second panoptic stage, --frozen_weights: load the stage-1 model through MODEL.WEIGHTS).
+    cfg.MODEL.DETR.FREEZE_DETR = False
+    # Weight of the sigmoid focal mask loss (alpha 0.25, gamma 2), loss_mask (official: 1).
+    cfg.MODEL.DETR.MASK_WEIGHT = 1.0
+    # Weight of the Dice mask loss, loss_dice (official: 1).
+    cfg.MODEL.DETR.DICE_WEIGHT = 1.0
+
+    cfg.MODEL.DETR.TEST = CN()
+    # Return "instances" (boxes; with MASK_ON also full-resolution pred_masks; thing classes only).
+    cfg.MODEL.DETR.TEST.INSTANCE_ON = True
+    # Return "sem_seg", per-class scores [K, H, W] (needs MASK_ON).
+    cfg.MODEL.DETR.TEST.SEMANTIC_ON = False
+    # Return "panoptic_seg", (segment id map, segments_info) (needs MASK_ON).
+    cfg.MODEL.DETR.TEST.PANOPTIC_ON = False
+    # Class probability a query needs to enter the panoptic output (official PostProcessPanoptic).
+    cfg.MODEL.DETR.TEST.PANOPTIC_THRESHOLD = 0.85
+    # Threshold on the sigmoid mask probability of binary instance masks (official PostProcessSegm).
+    cfg.MODEL.DETR.TEST.MASK_THRESHOLD = 0.5
+
     # Learning-rate multiplier of the backbone (official: 1e-5 vs 1e-4 for the transformer).
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # Optimizer: "ADAMW" (official) or "SGD" (Detectron2's default).
@@ -49,6 +70,9 @@ def add_detr_config(cfg: CN) -> None:
     # COCO-format datasets to register before training, as [[name, json_file, image_root], ...];
     # name them in DATASETS.TRAIN / DATASETS.TEST. Relative paths are relative to the working dir.
     cfg.DATASETS.REGISTER_COCO = []
+    # COCO-panoptic-format datasets to register, as [[name, image_root, panoptic_root,
+    # panoptic_json, instances_json], ...]; instances_json ("" = none) enables box/mask AP.
+    cfg.DATASETS.REGISTER_COCO_PANOPTIC = []
 
     # Official crop augmentation: resize the shorter side to one of these, then crop
     # (INPUT.CROP.SIZE, "absolute_range") and resize again to INPUT.MIN_SIZE_TRAIN.

@@ -2,15 +2,25 @@
 import logging
 import os
 import weakref
+from typing import Callable, Dict, List
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.engine import DefaultTrainer, hooks
-from detectron2.evaluation import COCOEvaluator
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import (
+    COCOEvaluator,
+    COCOPanopticEvaluator,
+    DatasetEvaluator,
+    DatasetEvaluators,
+)
+from detectron2.utils import comm
 
 from .checkpoint import DetrCheckpointer
 from .data import DetrDatasetMapper, coco_class_rows, drop_degenerate_boxes
+from .model_report import log_model_report
+from .data.resumable import ResumableTrainingSampler, SeededMapDataset, rng_state, set_rng_state
 from .solver import build_detr_optimizer
 
 logger = logging.getLogger(__name__)
@@ -30,16 +40,83 @@ def build_checkpointer(cfg: CfgNode, model, **checkpointables) -> DetrCheckpoint
     return DetrCheckpointer(model, cfg.OUTPUT_DIR, class_rows=coco_class_rows(cfg), **checkpointables)
 
 
+class _NonFiniteLossCheck:
+    """Mixin for Detectron2's Simple/AMP trainers: stop on a non-finite loss before the optimizer
+    step, naming the loss terms and the iteration (Detectron2 only reports the total)."""
+
+    def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
+        bad = sorted(k for k, v in loss_dict.items() if not torch.isfinite(v).all())
+        if bad:
+            iteration = self.iter if iter is None else iter
+            values = ", ".join(f"{k}={loss_dict[k].item()}" for k in bad)
+            raise FloatingPointError(
+                f"Non-finite loss at iteration {iteration}: {values}. Training stopped before the "
+                "optimizer step; the checkpoints in OUTPUT_DIR are intact. Lower SOLVER.BASE_LR "
+                "or check the data, then continue with --resume."
+            )
+        super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
+
+
+class _DetrSimpleTrainer(_NonFiniteLossCheck, SimpleTrainer):
+    pass
+
+
+class _DetrAMPTrainer(_NonFiniteLossCheck, AMPTrainer):
+    pass
+
+
 class DetrTrainer(DefaultTrainer):
     """``DefaultTrainer`` with DETR's optimizer, data mapper, COCO evaluation and checkpoint
-    loader; everything else (hooks, schedule, logging) is Detectron2's."""
+    loader, DDP that also works for CPU models (gloo), and exactly resumable training data
+    (the checkpoint holds the data seed and the RNG states; the sample stream skips ahead)."""
 
     def __init__(self, cfg: CfgNode):
-        super().__init__(cfg)
-        self.checkpointer = build_checkpointer(cfg, self._trainer.model, trainer=weakref.proxy(self))
-        for hook in self._hooks:  # the periodic checkpointer was built with the default one
-            if isinstance(hook, hooks.PeriodicCheckpointer):
-                hook.checkpointer = self.checkpointer
+        # DefaultTrainer.__init__, except: DDP without device_ids for CPU models (DDP rejects
+        # them), and our checkpointer. Same construction order as Detectron2.
+        TrainerBase.__init__(self)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        ddp_kwargs = {"device_ids": None} if next(model.parameters()).device.type == "cpu" else {}
+        model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
+        trainer_type = _DetrAMPTrainer if cfg.SOLVER.AMP.ENABLED else _DetrSimpleTrainer
+        self._trainer = trainer_type(model, data_loader, optimizer)
+        self.data_sampler = getattr(data_loader, "resumable_sampler", None)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = build_checkpointer(cfg, model, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+        log_model_report(self._trainer.model, cfg)
+
+    def resume_or_load(self, resume: bool = True):
+        self._loaded_rng_state = None
+        super().resume_or_load(resume=resume)
+        if self.data_sampler is not None:
+            # continue the sample stream where the checkpointed iteration left it
+            self.data_sampler.start = self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH
+            if self.start_iter:
+                logger.info(f"Resuming the training data at sample {self.data_sampler.start}.")
+        # Start the data loader now: creating its iterator draws from the global torch RNG, which
+        # an uninterrupted run did before the checkpointed RNG state was taken.
+        self._trainer._data_loader_iter
+        if self._loaded_rng_state is not None:
+            set_rng_state(self._loaded_rng_state)
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["rng"] = rng_state()
+        if self.data_sampler is not None:
+            state["data_seed"] = self.data_sampler.seed
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self._loaded_rng_state = state.get("rng")  # applied at the end of resume_or_load
+        if "data_seed" in state and self.data_sampler is not None:
+            self.data_sampler.seed = state["data_seed"]
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model) -> torch.optim.Optimizer:
@@ -47,9 +124,22 @@ class DetrTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode):
+        """Detectron2's batched loader over DETR's mapper, with a resumable sample stream
+        (exposed as ``loader.resumable_sampler``)."""
         dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
         dataset = drop_degenerate_boxes(dataset, ", ".join(cfg.DATASETS.TRAIN))
-        return build_detection_train_loader(cfg, dataset=dataset, mapper=DetrDatasetMapper(cfg, is_train=True))
+        seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+        sampler = ResumableTrainingSampler(len(dataset), seed=seed)
+        loader = build_detection_train_loader(
+            dataset=SeededMapDataset(dataset, DetrDatasetMapper(cfg, is_train=True)),
+            mapper=None,
+            sampler=sampler,
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
+        loader.resumable_sampler = sampler
+        return loader
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
@@ -57,6 +147,60 @@ class DetrTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):
+        """The evaluators of the dataset's ``evaluator_type`` (see ``EVALUATORS``)."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+        build = EVALUATORS.get(evaluator_type, coco_evaluators)
+        evaluators = build(cfg, dataset_name, output_folder)
+        if not evaluators:
+            raise ValueError(
+                f"Nothing to evaluate on {dataset_name!r} ({evaluator_type}): set MODEL.DETR.TEST."
+                f"PANOPTIC_ON and/or MODEL.DETR.TEST.INSTANCE_ON True, or DATASETS.TEST ()."
+            )
+        return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+
+
+def coco_evaluators(cfg: CfgNode, dataset_name: str, output_folder: str) -> List[DatasetEvaluator]:
+    """COCO box AP, and mask AP when the model predicts masks (``MODEL.MASK_ON``)."""
+    # the pure-Python COCOeval: Detectron2's fast C++ variant needs its compiled _C module
+    return [COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)]
+
+
+def coco_panoptic_evaluators(
+    cfg: CfgNode, dataset_name: str, output_folder: str
+) -> List[DatasetEvaluator]:
+    """PQ (panopticapi) with ``MODEL.DETR.TEST.PANOPTIC_ON``; box and mask AP of the things with
+    ``MODEL.DETR.TEST.INSTANCE_ON``, against the dataset's instances json."""
+    evaluators: List[DatasetEvaluator] = []
+    if cfg.MODEL.DETR.TEST.PANOPTIC_ON:
+        evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+    if cfg.MODEL.DETR.TEST.INSTANCE_ON:
+        if not MetadataCatalog.get(dataset_name).get("json_file"):
+            raise ValueError(
+                f"MODEL.DETR.TEST.INSTANCE_ON evaluates box/mask AP, which needs an instances json "
+                f"for {dataset_name!r}: give it as the fifth entry of its "
+                "DATASETS.REGISTER_COCO_PANOPTIC row, or set MODEL.DETR.TEST.INSTANCE_ON False."
+            )
         # the pure-Python COCOeval: Detectron2's fast C++ variant needs its compiled _C module
-        return COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+        evaluators.append(
+            _ThingCOCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
+        )
+    return evaluators
+
+
+class _ThingCOCOEvaluator(COCOEvaluator):
+    """``COCOEvaluator`` whose per-category table is labelled with the thing classes only:
+    Detectron2's standard COCO panoptic metadata lists all 133 classes in ``thing_classes``."""
+
+    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
+        if class_names is not None:
+            thing_ids = sorted(self._metadata.thing_dataset_id_to_contiguous_id.values())
+            class_names = [class_names[i] for i in thing_ids]
+        return super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
+
+
+# Dataset metadata ``evaluator_type`` -> evaluators of that kind of dataset (default: COCO).
+EVALUATORS: Dict[str, Callable[[CfgNode, str, str], List[DatasetEvaluator]]] = {
+    "coco": coco_evaluators,
+    "coco_panoptic_seg": coco_panoptic_evaluators,
+}

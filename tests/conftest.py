@@ -70,13 +70,22 @@ def make_upstream_checkpoint(manifest, seed, path):
     return path
 
 
-def cfg_for_manifest(manifest_model):
-    """The detr_d2 config matching an official model description (a manifest's ``model``)."""
+def cfg_for_manifest(manifest_model, masks=False):
+    """The detr_d2 config matching an official model description (a manifest's ``model``).
+
+    With ``masks`` and a DETRsegm manifest (``masks: true``), the panoptic config of that
+    backbone (mask head, backbone outputs res2..res5); otherwise the detection part only.
+    """
     depth = int(manifest_model["backbone"].replace("resnet", ""))
     config = {
         (50, False): "detr_r50.yaml", (50, True): "detr_r50_dc5.yaml",
         (101, False): "detr_r101.yaml", (101, True): "detr_r101_dc5.yaml",
     }[(depth, bool(manifest_model["dilation"]))]
+    if masks and manifest_model.get("masks"):
+        config = {
+            (50, False): "detr_r50_panoptic.yaml", (50, True): "detr_r50_dc5_panoptic.yaml",
+            (101, False): "detr_r101_panoptic.yaml",
+        }[(depth, bool(manifest_model["dilation"]))]
     cfg = make_cfg(CONFIGS / config)
     cfg.MODEL.DETR.update(
         NUM_CLASSES=manifest_model["num_classes"],
@@ -97,3 +106,69 @@ def reference_inputs(expected):
         {"image": torch.as_tensor(np.load(FIXTURES / p)).permute(2, 0, 1).contiguous()}
         for p in expected["images"]
     ]
+
+
+def reference_model(variant, directory):
+    """(expected, eval-mode model, inputs) of a fixture variant, built the way a user loads an
+    official checkpoint: YAML config + upstream-format file through the checkpointer."""
+    from detr_d2.engine import build_checkpointer
+
+    expected, manifest = load_reference(variant)
+    path = Path(directory) / f"upstream_{variant}.pth"
+    make_upstream_checkpoint(manifest, expected["args"]["seed"], path)
+    cfg = cfg_for_manifest(manifest["model"])
+    cfg.MODEL.WEIGHTS = str(path)
+    model = build_model_no_weights(cfg)
+    build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    return expected, model.eval(), reference_inputs(expected)
+
+
+def load_tool(name):
+    """The module of ``tools/<name>.py`` (tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_cfg(cfg, path):
+    """Dump ``cfg`` as a YAML file the command-line tools can read; returns the path."""
+    Path(path).write_text(cfg.dump())
+    return path
+
+
+def reference_targets(expected):
+    """The fixture's loss targets, with ``masks`` (uint8 [G, H, W] at the image size) loaded
+    from ``masks_file`` when the variant has them."""
+    targets = []
+    for target in expected["targets"]:
+        loaded = {"labels": target["labels"], "boxes": target["boxes"]}
+        if "masks_file" in target:
+            loaded["masks"] = torch.as_tensor(np.load(FIXTURES / target["masks_file"]))
+        targets.append(loaded)
+    return targets
+
+
+def segm_cfg(**detr):
+    """:func:`tiny_cfg` with the mask head (backbone outputs res2..res5)."""
+    cfg = tiny_cfg(**detr)
+    cfg.MODEL.MASK_ON = True
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    return cfg
+
+
+def coco_dataset_opts(prefix, train_json, train_root, val_json, val_root):
+    """Config overrides registering a COCO-format train/val pair as ``<prefix>_train/_val``."""
+    register = [[f"{prefix}_train", str(train_json), str(train_root)], [f"{prefix}_val", str(val_json), str(val_root)]]
+    return [
+        "DATASETS.REGISTER_COCO", json.dumps(register),
+        "DATASETS.TRAIN", f'("{prefix}_train",)', "DATASETS.TEST", f'("{prefix}_val",)',
+    ]
+
+
+def sample_face_opts(root, prefix, num_train, num_val, seed):
+    """Generate sample faces under ``root`` and return the config overrides that use them."""
+    from detr_d2.data.sample_faces import generate_face_dataset
+
+    generate_face_dataset(str(root), num_train=num_train, num_val=num_val, seed=seed)
+    return coco_dataset_opts(prefix, root / "train.json", root / "train", root / "val.json", root / "val")

@@ -70,3 +70,10 @@ def test_bgr_input_is_reordered_to_rgb():
     a = rgb.predict_raw([{"image": image}])["pred_logits"]
     b = bgr.predict_raw([{"image": image.flip(0)}])["pred_logits"]
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_wrong_value_type_fails_with_the_key_named():
+    cfg = get_cfg()
+    add_detr_config(cfg)
+    with pytest.raises(ValueError, match="MODEL.DETR.NUM_CLASSES"):
+        cfg.merge_from_list(["MODEL.DETR.NUM_CLASSES", "one"])

@@ -53,3 +53,38 @@ def test_unknown_optimizer_and_clip_type_rejected():
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "value"
     with pytest.raises(ValueError, match="CLIP_TYPE"):
         build_detr_optimizer(cfg, model)
+
+
+def test_grad_norm_logged_inside_training():
+    from detectron2.utils.events import EventStorage
+
+    cfg = tiny_cfg()
+    param = torch.nn.Parameter(torch.zeros(2))
+    model = torch.nn.Module()
+    model.p = param
+    optimizer = build_detr_optimizer(cfg, model)
+    param.grad = torch.tensor([3.0, 4.0])
+    with EventStorage() as storage:
+        optimizer.step()
+    assert storage.history("grad_norm").latest() == pytest.approx(5.0)
+
+
+def test_non_finite_loss_stops_before_the_step_and_names_the_term():
+    from detectron2.utils.events import EventStorage
+
+    from detr_d2.engine import _DetrSimpleTrainer
+
+    class Diverged(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, data):
+            return {"loss_ce": self.w.sum(), "loss_giou_3": self.w.sum() * float("nan")}
+
+    model = Diverged()
+    trainer = _DetrSimpleTrainer(model, [[{}]] * 3, torch.optim.SGD(model.parameters(), lr=1.0))
+    trainer.iter = 41
+    with EventStorage(41), pytest.raises(FloatingPointError, match=r"iteration 41: loss_giou_3=nan"):
+        trainer.run_step()
+    assert model.w.item() == 1.0  # the optimizer did not step

@@ -7,18 +7,14 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO
-from detr_d2.data.sample_faces import generate_face_dataset
+from conftest import CONFIGS, REPO, sample_face_opts
 
 INSTANT = CONFIGS / "quick_schedules" / "detr_face_sample_instant_test.yaml"
 
 
 @pytest.fixture(scope="module")
 def sample_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faces")
-    generate_face_dataset(str(root), num_train=12, num_val=6, seed=3)
-    register = [["faces_tiny_train", f"{root}/train.json", f"{root}/train"], ["faces_tiny_val", f"{root}/val.json", f"{root}/val"]]
-    return ["DATASETS.REGISTER_COCO", json.dumps(register), "DATASETS.TRAIN", '("faces_tiny_train",)', "DATASETS.TEST", '("faces_tiny_val",)']
+    return sample_face_opts(tmp_path_factory.mktemp("faces"), "faces_tiny", num_train=12, num_val=6, seed=3)
 
 
 def train_net(*args):

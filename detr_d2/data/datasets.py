@@ -1,24 +1,29 @@
 """Datasets named in the config, and the checks DETR's training data gets before use."""
+import functools
 import logging
 import os
 from typing import Dict, List, Optional
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BoxMode
+
+from .coco_json import load_coco_detection_json
+from .panoptic import coco_panoptic_class_rows, register_coco_panoptic_from_cfg
 
 logger = logging.getLogger(__name__)
 
 
 def register_datasets_from_cfg(cfg: CfgNode) -> List[str]:
-    """Register every ``[name, json_file, image_root]`` of ``DATASETS.REGISTER_COCO``.
+    """Register every ``[name, json_file, image_root]`` of ``DATASETS.REGISTER_COCO`` (and the
+    panoptic datasets of ``DATASETS.REGISTER_COCO_PANOPTIC``, see
+    :func:`~detr_d2.data.panoptic.register_coco_panoptic_from_cfg`).
 
     Missing files fail here, naming the path and the config key, rather than later inside the
     data loader. Registering the same name again with the same files is a no-op (each process
     of a multi-GPU run calls this).
     """
-    names = []
+    names = register_coco_panoptic_from_cfg(cfg)  # DATASETS.REGISTER_COCO_PANOPTIC
     for i, entry in enumerate(cfg.DATASETS.REGISTER_COCO):
         key = f"DATASETS.REGISTER_COCO[{i}]"
         if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and all(isinstance(x, str) for x in entry)):
@@ -36,7 +41,8 @@ def register_datasets_from_cfg(cfg: CfgNode) -> List[str]:
                 f"{key}: dataset name {name!r} is already registered with other files "
                 f"({meta.get('json_file')}, {meta.get('image_root')}); choose another name."
             )
-        register_coco_instances(name, {}, json_file, image_root)
+        DatasetCatalog.register(name, functools.partial(load_coco_detection_json, json_file, image_root, name))
+        MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
         names.append(name)
         logger.info(f"Registered COCO-format dataset {name!r}: {json_file}, images in {image_root}")
     return names
@@ -72,11 +78,15 @@ def drop_degenerate_boxes(dataset_dicts: List[Dict], dataset_name: str = "") -> 
 
 
 def coco_class_rows(cfg: CfgNode) -> Optional[List[int]]:
-    """Dataset category id of each contiguous class, when the model has COCO's 80 classes.
+    """Dataset category id of each contiguous class, when the model has COCO's 80 classes (or
+    COCO panoptic's 133, see :func:`~detr_d2.data.panoptic.coco_panoptic_class_rows`).
 
-    Official detection checkpoints index their 92-row class head by COCO category id; this is
-    the row to take for each of the model's classes. ``None`` when NUM_CLASSES is not 80.
+    Official detection checkpoints index their 92-row class head by COCO category id, panoptic
+    ones their 251-row head by COCO panoptic category id; this is the row to take for each of
+    the model's classes. ``None`` when NUM_CLASSES is neither 80 nor 133.
     """
+    if cfg.MODEL.DETR.NUM_CLASSES == 133:
+        return coco_panoptic_class_rows(cfg)
     if cfg.MODEL.DETR.NUM_CLASSES != 80:
         return None
     for name in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):

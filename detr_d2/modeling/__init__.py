@@ -3,6 +3,26 @@ from .backbone import build_detr_resnet_backbone
 from .criterion import SetCriterion
 from .detr import MLP, Detr
 from .matcher import HungarianMatcher
+from .postprocessing import (
+    detection_inference,
+    instance_inference,
+    panoptic_inference,
+    semantic_inference,
+)
+from .segmentation import MaskAttentionMap, MaskHead
 from .transformer import Transformer
 
-__all__ = ["Detr", "MLP", "HungarianMatcher", "SetCriterion", "Transformer", "build_detr_resnet_backbone"]
+__all__ = [
+    "Detr",
+    "MLP",
+    "HungarianMatcher",
+    "MaskAttentionMap",
+    "MaskHead",
+    "SetCriterion",
+    "Transformer",
+    "build_detr_resnet_backbone",
+    "detection_inference",
+    "instance_inference",
+    "panoptic_inference",
+    "semantic_inference",
+]

@@ -3,10 +3,12 @@
 Shapes: N images, Q queries, K + 1 logits (last = "no object"), G_i targets of image i,
 M = sum_i G_i matched pairs in the batch.
 
-``outputs`` dicts hold ``pred_logits [N, Q, K+1]``, ``pred_boxes [N, Q, 4]`` (normalized cxcywh)
+``outputs`` dicts hold ``pred_logits [N, Q, K+1]``, ``pred_boxes [N, Q, 4]`` (normalized cxcywh),
+with masks ``pred_masks [N, Q, H4, W4]`` (mask logits on the padded batch at 1/4 resolution),
 and optionally ``aux_outputs`` (a list of such dicts, one per earlier decoder layer).
-``targets`` is a list of N dicts with ``labels [G_i]`` (int64 in [0, K)) and ``boxes [G_i, 4]``
-(normalized cxcywh).
+``targets`` is a list of N dicts with ``labels [G_i]`` (int64 in [0, K)), ``boxes [G_i, 4]``
+(normalized cxcywh) and, for the "masks" term, ``masks [G_i, H_i, W_i]`` (0/1, at the
+input-image resolution, top-left aligned with the image; zero-padded here to the largest H, W).
 """
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -18,22 +20,30 @@ from torch import nn
 
 from .box_ops import box_cxcywh_to_xyxy
 from .matcher import HungarianMatcher
+from .segmentation import dice_loss, sigmoid_focal_loss
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
+def average_over_workers(value: torch.Tensor) -> torch.Tensor:
+    """Mean of ``value`` over all workers (itself with one worker)."""
+    if comm.get_world_size() == 1:
+        return value
+    value = value.clone()
+    torch.distributed.all_reduce(value)
+    return value / comm.get_world_size()
 
 
 def average_num_boxes(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> float:
     """Number of target boxes per worker, averaged over all workers, at least 1.
 
-    Every worker normalises its box losses by the same number, so gradients summed by DDP equal
-    those of one big batch (the official code all-reduces the same way).
+    Every worker normalises its box losses by the same number, so gradients averaged by DDP
+    equal those of one big batch (the official code all-reduces the same way).
     """
     num_boxes = torch.as_tensor(
         [float(sum(len(t["labels"]) for t in targets))], dtype=torch.float32, device=device
     )
-    if comm.get_world_size() > 1:
-        torch.distributed.all_reduce(num_boxes)
-    return torch.clamp(num_boxes / comm.get_world_size(), min=1).item()
+    return torch.clamp(average_over_workers(num_boxes), min=1).item()
 
 
 def paired_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
@@ -50,7 +60,9 @@ def paired_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> to
 
 
 class SetCriterion(nn.Module):
-    """Matches predictions to targets, then applies classification and box losses.
+    """Matches predictions to targets, then applies classification, box and (optionally) mask
+    losses; mask losses only on the last decoder layer, as the official code (aux masks are not
+    predicted).
 
     ``forward`` returns only weighted ``loss_*`` tensors (Detectron2 sums every entry of the loss
     dict); auxiliary-layer terms carry the suffix ``_{i}``. ``class_error`` and
@@ -79,7 +91,10 @@ class SetCriterion(nn.Module):
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
     def _loss_table(self) -> Dict[str, Callable]:
-        return {"labels": self.loss_labels, "boxes": self.loss_boxes}
+        return {"labels": self.loss_labels, "boxes": self.loss_boxes, "masks": self.loss_masks}
+
+    # loss terms computed on the final decoder layer only
+    _FINAL_LAYER_ONLY = ("masks",)
 
     @staticmethod
     def _matched_query_index(indices: Indices) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +112,14 @@ class SetCriterion(nn.Module):
             logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
         )
         target_classes[idx] = target_classes_o.to(logits.device)
-        loss_ce = F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)
-        return {"loss_ce": loss_ce}
+        # The official weighted mean, sum(w * ce) / sum(w), with sum(w) averaged over workers
+        # like num_boxes: identical on one worker, and DDP's averaged gradients then equal those
+        # of one big batch (a per-worker mean would weight workers by their share of matches).
+        weighted_ce = F.cross_entropy(
+            logits.transpose(1, 2), target_classes, self.empty_weight, reduction="sum"
+        )
+        weight_sum = average_over_workers(self.empty_weight[target_classes].sum().detach())
+        return {"loss_ce": weighted_ce / weight_sum}
 
     def loss_boxes(self, outputs, targets, indices, num_boxes) -> Dict[str, torch.Tensor]:
         """L1 and GIoU losses of the matched boxes, normalised by the number of target boxes."""
@@ -111,6 +132,31 @@ class SetCriterion(nn.Module):
             box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes)
         )
         return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
+
+    def loss_masks(self, outputs, targets, indices, num_boxes) -> Dict[str, torch.Tensor]:
+        """Sigmoid focal (``loss_mask``) and Dice (``loss_dice``) losses of the matched masks.
+
+        As the official code: target masks are zero-padded to the batch's largest H, W and the
+        predicted logits are upsampled (bilinear, ``align_corners=False``) to that size.
+        """
+        batch_idx, src_idx = self._matched_query_index(indices)
+        pred_masks = outputs["pred_masks"][batch_idx, src_idx].float()  # [M, H4, W4]
+        height = max(t["masks"].shape[-2] for t in targets)
+        width = max(t["masks"].shape[-1] for t in targets)
+        gt_masks = torch.cat(
+            [
+                pad_masks(t["masks"][j].to(pred_masks), height, width)
+                for t, (_, j) in zip(targets, indices)
+            ]
+        )  # [M, H, W]
+        pred_masks = F.interpolate(
+            pred_masks[:, None], size=(height, width), mode="bilinear", align_corners=False
+        )[:, 0]
+        pred_masks, gt_masks = pred_masks.flatten(1), gt_masks.flatten(1)
+        return {
+            "loss_mask": sigmoid_focal_loss(pred_masks, gt_masks, num_boxes),
+            "loss_dice": dice_loss(pred_masks, gt_masks, num_boxes),
+        }
 
     @torch.no_grad()
     def metrics(self, outputs, targets, indices) -> Dict[str, float]:
@@ -145,6 +191,8 @@ class SetCriterion(nn.Module):
             )
             all_indices.append(indices)
             for name in self.losses:
+                if suffix and name in self._FINAL_LAYER_ONLY:
+                    continue
                 terms = self._loss_table()[name](layer_outputs, targets, indices, num_boxes)
                 losses.update({k + suffix: v for k, v in terms.items()})
         metrics = self.metrics(outputs, targets, all_indices[0])
@@ -160,6 +208,11 @@ class SetCriterion(nn.Module):
     def extra_repr(self) -> str:
         base = {k: v for k, v in self.weight_dict.items() if not k[-1].isdigit()}
         return f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, losses={self.losses}, weights={base}"
+
+
+def pad_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[G, h, w] -> [G, height, width], zero-padded at the bottom and right."""
+    return F.pad(masks, (0, width - masks.shape[-1], 0, height - masks.shape[-2]))
 
 
 def build_weight_dict(base: Dict[str, float], num_aux_layers: int) -> Dict[str, float]:

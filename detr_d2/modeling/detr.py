@@ -2,24 +2,37 @@
 Transformers", 2020).
 
 Shapes: N images, Q object queries, K classes (+1 "no object" logit), C hidden dim,
-L decoder layers, H x W the transformer's input feature map.
+L decoder layers, H x W the transformer's input feature map, H4 x W4 the mask logits' grid (1/4
+of the padded batch).
+
+With ``MODEL.MASK_ON`` the model is the official ``DETRsegm``: the same trunk plus a mask head
+(:mod:`.segmentation`); inference can then return instance masks, semantic scores and panoptic
+segmentations (``MODEL.DETR.TEST.{INSTANCE,SEMANTIC,PANOPTIC}_ON``).
 """
 import logging
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
-from detectron2.structures import ImageList
+from detectron2.structures import BitMasks, ImageList, PolygonMasks
 from torch import nn
 
 from ..checkpoint import convert_official_state_dict, is_official_detr_state_dict
+from ..data.panoptic import thing_ids_from_cfg
 from .box_ops import box_xyxy_to_cxcywh
 from .criterion import SetCriterion, build_weight_dict
 from .matcher import HungarianMatcher
 from .position_encoding import build_position_encoding
-from .postprocessing import detection_inference
+from .postprocessing import (
+    detection_inference,
+    instance_inference,
+    panoptic_inference,
+    semantic_inference,
+)
+from .segmentation import MASK_HEAD_IN_FEATURES, MaskAttentionMap, MaskHead
 from .transformer import Transformer
 
 logger = logging.getLogger(__name__)
@@ -48,6 +61,9 @@ class Detr(nn.Module):
 
     Training returns the weighted set-prediction losses; inference returns, per image, an
     ``Instances`` with every query's box, score and class (see :meth:`inference`).
+
+    With ``mask_on`` it also predicts one mask per query (``bbox_attention`` + ``mask_head``,
+    official names) and can freeze everything else for the official second training stage.
     """
 
     @configurable
@@ -65,6 +81,16 @@ class Detr(nn.Module):
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
         input_format: str = "RGB",
+        # segmentation
+        mask_on: bool = False,
+        freeze_detr: bool = False,
+        # inference outputs
+        instance_on: bool = True,
+        semantic_on: bool = False,
+        panoptic_on: bool = False,
+        thing_ids: Optional[Sequence[int]] = None,
+        panoptic_threshold: float = 0.85,
+        mask_threshold: float = 0.5,
     ):
         """
         Args:
@@ -78,6 +104,16 @@ class Detr(nn.Module):
             pixel_mean, pixel_std: per-channel normalization, in ``input_format`` order (0-255).
             input_format: "RGB" or "BGR" channel order of the input images; the backbone always
                 receives RGB, as the official (torchvision) weights expect.
+            mask_on: add the mask head (needs the backbone outputs res2, res3, res4).
+            freeze_detr: train only the mask head: every other parameter gets
+                ``requires_grad=False`` and batch norms become frozen (official stage 2).
+            instance_on: inference returns ``instances`` (with ``pred_masks`` if ``mask_on``).
+            semantic_on: inference returns ``sem_seg`` [K, H, W] (needs ``mask_on``).
+            panoptic_on: inference returns ``panoptic_seg`` (needs ``mask_on``).
+            thing_ids: the classes that are things; ``None``: all classes are things. Instances
+                are restricted to them, and panoptic segments of other classes are stuff.
+            panoptic_threshold: class probability a query needs to enter the panoptic output.
+            mask_threshold: probability threshold of the binary instance masks.
         """
         super().__init__()
         if in_feature not in backbone.output_shape():
@@ -104,6 +140,43 @@ class Detr(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
+        if (semantic_on or panoptic_on or freeze_detr) and not mask_on:
+            raise ValueError(
+                "MODEL.DETR.TEST.SEMANTIC_ON, MODEL.DETR.TEST.PANOPTIC_ON and "
+                "MODEL.DETR.FREEZE_DETR need the mask head: set MODEL.MASK_ON True."
+            )
+        self.mask_on = mask_on
+        if mask_on:
+            shapes = backbone.output_shape()
+            missing = [f for f in MASK_HEAD_IN_FEATURES if f not in shapes]
+            if missing:
+                raise ValueError(
+                    f"MODEL.MASK_ON needs the backbone outputs {list(MASK_HEAD_IN_FEATURES)}, "
+                    f"missing {missing}: set MODEL.RESNETS.OUT_FEATURES "
+                    "['res2', 'res3', 'res4', 'res5']."
+                )
+            self.bbox_attention = MaskAttentionMap(hidden_dim, transformer.nhead)
+            self.mask_head = MaskHead(
+                hidden_dim, transformer.nhead, [shapes[f].channels for f in MASK_HEAD_IN_FEATURES]
+            )
+        if freeze_detr:
+            self._freeze_detection()
+        self.instance_on = instance_on
+        self.semantic_on = semantic_on
+        self.panoptic_on = panoptic_on
+        self.thing_ids = None if thing_ids is None else tuple(int(i) for i in thing_ids)
+        self.panoptic_threshold = panoptic_threshold
+        self.mask_threshold = mask_threshold
+
+    def _freeze_detection(self) -> None:
+        """Official stage 2 (``--frozen_weights``): only ``bbox_attention`` and ``mask_head``
+        train. Batch norms become ``FrozenBatchNorm2d`` so that their statistics stay those of
+        the stage-1 model (the official backbone uses frozen batch norm anyway)."""
+        self.backbone = FrozenBatchNorm2d.convert_frozen_batchnorm(self.backbone)
+        for name, parameter in self.named_parameters():
+            if not name.startswith(("bbox_attention.", "mask_head.")):
+                parameter.requires_grad_(False)
+
     @classmethod
     def from_config(cls, cfg) -> Dict:
         detr = cfg.MODEL.DETR
@@ -116,13 +189,17 @@ class Detr(nn.Module):
             "loss_bbox": detr.L1_WEIGHT,
             "loss_giou": detr.GIOU_WEIGHT,
         }
+        losses = ("labels", "boxes")
+        if cfg.MODEL.MASK_ON:
+            base_weights.update(loss_mask=detr.MASK_WEIGHT, loss_dice=detr.DICE_WEIGHT)
+            losses += ("masks",)
         num_aux = detr.DEC_LAYERS - 1 if detr.DEEP_SUPERVISION else 0
         criterion = SetCriterion(
             detr.NUM_CLASSES,
             matcher=matcher,
             weight_dict=build_weight_dict(base_weights, num_aux),
             eos_coef=detr.NO_OBJECT_WEIGHT,
-            losses=("labels", "boxes"),
+            losses=losses,
         )
         transformer = Transformer(
             d_model=detr.HIDDEN_DIM,
@@ -146,6 +223,14 @@ class Detr(nn.Module):
             "pixel_mean": tuple(cfg.MODEL.PIXEL_MEAN),
             "pixel_std": tuple(cfg.MODEL.PIXEL_STD),
             "input_format": cfg.INPUT.FORMAT,
+            "mask_on": cfg.MODEL.MASK_ON,
+            "freeze_detr": detr.FREEZE_DETR,
+            "instance_on": detr.TEST.INSTANCE_ON,
+            "semantic_on": detr.TEST.SEMANTIC_ON,
+            "panoptic_on": detr.TEST.PANOPTIC_ON,
+            "thing_ids": thing_ids_from_cfg(cfg),
+            "panoptic_threshold": detr.TEST.PANOPTIC_THRESHOLD,
+            "mask_threshold": detr.TEST.MASK_THRESHOLD,
         }
 
     @property
@@ -192,15 +277,23 @@ class Detr(nn.Module):
 
     def forward_heads(self, images: ImageList) -> Dict:
         """Raw head outputs: ``pred_logits [N, Q, K+1]``, ``pred_boxes [N, Q, 4]`` (sigmoid
-        cxcywh relative to each unpadded image) and, with deep supervision, ``aux_outputs``:
-        L-1 dicts with the same two keys for the earlier decoder layers."""
-        feature = self.backbone(images.tensor)[self.in_feature]
+        cxcywh relative to each unpadded image), with ``mask_on`` ``pred_masks [N, Q, H4, W4]``
+        (mask logits on the padded batch's grid) and, with deep supervision, ``aux_outputs``:
+        L-1 dicts with ``pred_logits`` and ``pred_boxes`` for the earlier decoder layers."""
+        features = self.backbone(images.tensor)
+        feature = features[self.in_feature]
         mask = self.padding_mask(images, feature.shape[-2:])
         pos = self.position_embedding(mask).to(feature.dtype)
-        hs, _ = self.transformer(self.input_proj(feature), mask, self.query_embed.weight, pos)
+        projected = self.input_proj(feature)
+        hs, memory = self.transformer(projected, mask, self.query_embed.weight, pos)
         logits = self.class_embed(hs)  # [L, N, Q, K+1]
         boxes = self.bbox_embed(hs).sigmoid()  # [L, N, Q, 4]
         outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.mask_on:
+            # masks from the last decoder layer only, as the official DETRsegm
+            attention = self.bbox_attention(hs[-1], memory, mask)  # [N, Q, M, H, W]
+            fpn = [features[f] for f in MASK_HEAD_IN_FEATURES]
+            outputs["pred_masks"] = self.mask_head(projected, attention, fpn)
         if self.aux_loss:
             outputs["aux_outputs"] = [
                 {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
@@ -221,41 +314,112 @@ class Detr(nn.Module):
             return self.inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
         outputs = self.forward_heads(images)
-        return self.criterion(outputs, self.prepare_targets(batched_inputs))
+        targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
+        return self.criterion(outputs, targets)
 
-    def prepare_targets(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
+    def prepare_targets(
+        self, batched_inputs: List[Dict], padded_size: Optional[Tuple[int, int]] = None
+    ) -> List[Dict[str, torch.Tensor]]:
         """Ground truth in the criterion's format: ``labels [G]`` and ``boxes [G, 4]`` cxcywh
-        normalized by the unpadded image size."""
+        normalized by the unpadded image size; with ``mask_on`` also ``masks`` (uint8 [G, H, W])
+        zero-padded to ``padded_size`` (default: the image's own size)."""
         targets = []
         for x in batched_inputs:
             instances = x["instances"].to(self.device)
             height, width = instances.image_size
             scale = torch.as_tensor([width, height, width, height], dtype=torch.float32, device=self.device)
             boxes = box_xyxy_to_cxcywh(instances.gt_boxes.tensor.float() / scale)
-            targets.append({"labels": instances.gt_classes, "boxes": boxes})
+            target = {"labels": instances.gt_classes, "boxes": boxes}
+            if self.mask_on:
+                target["masks"] = self._gt_mask_tensor(instances, padded_size or (height, width))
+            targets.append(target)
         return targets
+
+    def _gt_mask_tensor(self, instances, padded_size: Tuple[int, int]) -> torch.Tensor:
+        """uint8 [G, H, W] masks of ``instances.gt_masks`` (bit masks or polygons), zero-padded
+        at the bottom and right."""
+        height, width = instances.image_size
+        if not instances.has("gt_masks"):
+            if len(instances):
+                raise ValueError(
+                    "MODEL.MASK_ON needs ground-truth masks: the dataset mapper gave instances "
+                    "without gt_masks (use a dataset with segmentations, or set MODEL.MASK_ON "
+                    "False)."
+                )
+            masks = torch.zeros((0, height, width), dtype=torch.uint8, device=self.device)
+        elif isinstance(instances.gt_masks, PolygonMasks):
+            masks = BitMasks.from_polygon_masks(instances.gt_masks, height, width).tensor
+        else:
+            masks = instances.gt_masks.tensor
+        masks = masks.to(device=self.device, dtype=torch.uint8)
+        pad_bottom, pad_right = padded_size[0] - masks.shape[-2], padded_size[1] - masks.shape[-1]
+        return F.pad(masks, (0, pad_right, 0, pad_bottom))
 
     @torch.no_grad()
     def predict_raw(self, batched_inputs: List[Dict]) -> Dict:
         """The head's raw outputs for images in Detectron2's input format (eval mode only):
-        ``pred_logits``, ``pred_boxes`` and ``aux_outputs`` as in :meth:`forward_heads`."""
+        ``pred_logits``, ``pred_boxes``, ``aux_outputs`` and, with ``mask_on``, ``pred_masks``
+        as in :meth:`forward_heads`."""
         assert not self.training, "predict_raw() runs the model in eval mode; call model.eval()"
         return self.forward_heads(self.preprocess_image(batched_inputs))
 
     def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
         """
         Returns:
-            with ``do_postprocess``: a list of ``{"instances": Instances}`` with boxes in the
-            ``height`` x ``width`` of each input (default: the image's own size); otherwise a list
-            of ``Instances`` at the input image size.
+            with ``do_postprocess``: a list of dicts, one per input, at the ``height`` x
+            ``width`` of each input (default: the image's own size), with the outputs switched
+            on: ``instances`` (``Instances``: ``pred_boxes``, ``scores``, ``pred_classes``, with
+            ``mask_on`` ``pred_masks`` bool [Q', H, W]; only thing classes), ``sem_seg``
+            ([K, H, W] scores) and ``panoptic_seg`` (int32 [H, W] segment ids, segments_info).
+            Without ``do_postprocess``: a list of ``Instances`` at the input image size.
         """
         assert not self.training, "inference() runs in eval mode"
         images = self.preprocess_image(batched_inputs)
         outputs = self.forward_heads(images)
         if not do_postprocess:
-            return detection_inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
+            return self._instances(outputs, images, images.image_sizes)
         sizes = [
             (x.get("height", h), x.get("width", w)) for x, (h, w) in zip(batched_inputs, images.image_sizes)
         ]
-        results = detection_inference(outputs["pred_logits"], outputs["pred_boxes"], sizes)
-        return [{"instances": r} for r in results]
+        results = [{} for _ in batched_inputs]
+        if self.instance_on:
+            for result, instances in zip(results, self._instances(outputs, images, sizes)):
+                result["instances"] = instances
+        if self.semantic_on:
+            for i, result in enumerate(results):
+                result["sem_seg"] = semantic_inference(
+                    outputs["pred_logits"][i],
+                    outputs["pred_masks"][i],
+                    images.tensor.shape[-2:],
+                    images.image_sizes[i],
+                    sizes[i],
+                )
+        if self.panoptic_on:
+            for i, result in enumerate(results):
+                result["panoptic_seg"] = panoptic_inference(
+                    outputs["pred_logits"][i],
+                    outputs["pred_masks"][i],
+                    images.image_sizes[i],
+                    sizes[i],
+                    thing_ids=range(self.num_classes) if self.thing_ids is None else self.thing_ids,
+                    threshold=self.panoptic_threshold,
+                )
+        return results
+
+    def _instances(self, outputs: Dict, images: ImageList, output_sizes) -> List:
+        """One ``Instances`` per image at ``output_sizes`` (see :func:`instance_inference`)."""
+        if not self.mask_on and self.thing_ids is None:
+            return detection_inference(outputs["pred_logits"], outputs["pred_boxes"], output_sizes)
+        return [
+            instance_inference(
+                outputs["pred_logits"][i],
+                outputs["pred_boxes"][i],
+                outputs["pred_masks"][i] if self.mask_on else None,
+                padded_size=images.tensor.shape[-2:],
+                image_size=images.image_sizes[i],
+                output_size=size,
+                thing_ids=self.thing_ids,
+                mask_threshold=self.mask_threshold,
+            )
+            for i, size in enumerate(output_sizes)
+        ]

@@ -1,6 +1,12 @@
-"""Turn DETR's raw head outputs into Detectron2 ``Instances`` (and, later, segmentations)."""
-from typing import List, Sequence, Tuple
+"""Turn DETR's raw head outputs into Detectron2's output formats: ``Instances`` (boxes, and
+full-resolution masks), semantic score maps and ``(panoptic_seg, segments_info)`` pairs.
 
+Shapes: Q queries, K classes (+1 "no object" logit), H4 x W4 the mask logits' grid (1/4 of the
+padded batch), h x w an input image's unpadded size, H x W the requested output size.
+"""
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
@@ -32,3 +38,196 @@ def detection_inference(
         result.pred_classes = label
         results.append(result)
     return results
+
+
+# Official PostProcessPanoptic drops segments of at most this many pixels (at the output size).
+PANOPTIC_MAX_DROPPED_AREA = 4
+# Masks are upsampled to the full padded size a few queries at a time, to bound memory.
+_MASK_CHUNK = 16
+
+
+def instance_masks(
+    pred_masks: torch.Tensor,
+    padded_size: Tuple[int, int],
+    image_size: Tuple[int, int],
+    output_size: Tuple[int, int],
+    threshold: float = 0.5,
+) -> torch.Tensor:
+    """Binary masks at the output size, as the official ``PostProcessSegm``.
+
+    Args:
+        pred_masks: [Q, H4, W4] mask logits on the padded batch's grid.
+        padded_size: (height, width) of the padded batch.
+        image_size: (h, w) of this image inside the padded batch (top-left).
+        output_size: (H, W) to return.
+        threshold: on the sigmoid probability.
+    Returns:
+        bool [Q, H, W]: logits upsampled (bilinear) to the padded size, thresholded, cropped to
+        the image, then resized (nearest) to the output size.
+    """
+    height, width = image_size
+    chunks = []
+    for chunk in pred_masks.float().split(_MASK_CHUNK):
+        masks = F.interpolate(
+            chunk[:, None], size=tuple(padded_size), mode="bilinear", align_corners=False
+        )
+        masks = (masks.sigmoid() > threshold)[:, :, :height, :width].float()
+        masks = F.interpolate(masks, size=tuple(output_size), mode="nearest")[:, 0]
+        chunks.append(masks > 0.5)
+    if not chunks:
+        return torch.zeros((0, *output_size), dtype=torch.bool, device=pred_masks.device)
+    return torch.cat(chunks)
+
+
+def instance_inference(
+    pred_logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    pred_masks: Optional[torch.Tensor],
+    *,
+    padded_size: Tuple[int, int],
+    image_size: Tuple[int, int],
+    output_size: Tuple[int, int],
+    thing_ids: Optional[Collection[int]] = None,
+    mask_threshold: float = 0.5,
+) -> Instances:
+    """One image's ``Instances``: :func:`detection_inference`, restricted to the queries whose
+    class is in ``thing_ids`` (all of them when ``None``), with ``pred_masks`` (bool [Q', H, W],
+    see :func:`instance_masks`) when ``pred_masks`` [Q, H4, W4] is given."""
+    result = detection_inference(pred_logits[None], pred_boxes[None], [output_size])[0]
+    keep = None
+    if thing_ids is not None:
+        thing_ids = torch.as_tensor(sorted(thing_ids), dtype=torch.int64, device=pred_logits.device)
+        keep = torch.isin(result.pred_classes, thing_ids)
+        result = result[keep]
+    if pred_masks is not None:
+        masks = pred_masks if keep is None else pred_masks[keep]
+        result.pred_masks = instance_masks(
+            masks, padded_size, image_size, output_size, mask_threshold
+        )
+    return result
+
+
+def semantic_inference(
+    pred_logits: torch.Tensor,
+    pred_masks: torch.Tensor,
+    padded_size: Tuple[int, int],
+    image_size: Tuple[int, int],
+    output_size: Tuple[int, int],
+) -> torch.Tensor:
+    """Per-class scores [K, H, W]: the sum over queries of the class probability (without "no
+    object") times the mask probability, on the unpadded image, resized (bilinear) to the output
+    size (the same marginalisation as MaskFormer's semantic inference)."""
+    height, width = image_size
+    probs = F.softmax(pred_logits.float(), dim=-1)[:, :-1]  # [Q, K]
+    masks = F.interpolate(
+        pred_masks[None].float(), size=tuple(padded_size), mode="bilinear", align_corners=False
+    )
+    masks = masks[0, :, :height, :width].sigmoid()  # [Q, h, w]
+    scores = torch.einsum("qk,qhw->khw", probs, masks)
+    if tuple(output_size) != (height, width):
+        scores = F.interpolate(
+            scores[None], size=tuple(output_size), mode="bilinear", align_corners=False
+        )[0]
+    return scores
+
+
+def _segment_id_map(
+    masks: torch.Tensor,
+    image_size: Tuple[int, int],
+    output_size: Tuple[int, int],
+    merge: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """int64 [H, W]: for each pixel, the index of the mask with the highest logit.
+
+    Args:
+        masks: [S, h*w] mask logits at the image size (S >= 1).
+        merge: [S] optional index of the segment each mask's pixels go to (stuff merging).
+    The map is computed at the image size and resized (nearest) to the output size, sampling
+    the same pixels as PIL's NEAREST resize of the official code.
+    """
+    # softmax before argmax as the official code, so that near-ties resolve identically
+    ids = masks.softmax(0).argmax(0).view(tuple(image_size))
+    if merge is not None:
+        ids = merge[ids]
+    if tuple(output_size) != tuple(image_size):
+        rows = _pil_nearest_indices(image_size[0], output_size[0]).to(ids.device)
+        cols = _pil_nearest_indices(image_size[1], output_size[1]).to(ids.device)
+        ids = ids[rows[:, None], cols[None, :]]
+    return ids
+
+
+def _pil_nearest_indices(size_in: int, size_out: int) -> torch.Tensor:
+    """Source index of each output pixel in PIL's NEAREST resize: the pixel centre's position,
+    accumulated step by step in float64 and truncated, as Pillow's ImagingScaleAffine does
+    (``F.interpolate(mode="nearest-exact")`` differs from it on some sizes)."""
+    step = size_in / size_out
+    positions = np.full(size_out, step)
+    positions[0] = 0.5 * step
+    return torch.from_numpy(np.minimum(np.add.accumulate(positions).astype(np.int64), size_in - 1))
+
+
+def panoptic_inference(
+    pred_logits: torch.Tensor,
+    pred_masks: torch.Tensor,
+    image_size: Tuple[int, int],
+    output_size: Tuple[int, int],
+    thing_ids: Collection[int],
+    threshold: float = 0.85,
+) -> Tuple[torch.Tensor, List[Dict]]:
+    """One image's panoptic segmentation, as the official ``PostProcessPanoptic``.
+
+    Args:
+        pred_logits: [Q, K+1] class logits (the last is "no object").
+        pred_masks: [Q, H4, W4] mask logits on the padded batch's grid.
+        image_size: (h, w) of the unpadded input image.
+        output_size: (H, W) of the returned map.
+        thing_ids: the classes that are things; every other class is stuff.
+        threshold: keep the queries whose top class (over all K+1) is not "no object" and whose
+            probability exceeds it (official: 0.85).
+    Returns:
+        ``panoptic_seg``: int32 [H, W] segment ids, 0 = void (only when nothing is kept);
+        ``segments_info``: one dict per segment id 1..S: ``id``, ``category_id`` (class index),
+        ``isthing``, ``score`` (the query's class probability) and ``area`` (pixels).
+
+    The rules of the official code: the masks of the padded grid are resized (bilinear) to the
+    image size without cropping the padding first; each pixel goes to the kept query with the
+    highest mask logit; in a first pass all queries of one stuff class count as one segment (the
+    first of them), so the others end up empty; then segments of at most 4 pixels are removed
+    and the pixels re-assigned among the rest (without merging), until none is that small.
+    """
+    device = pred_logits.device
+    scores, labels = F.softmax(pred_logits.float(), dim=-1).max(-1)
+    keep = (labels != pred_logits.shape[-1] - 1) & (scores > threshold)
+    if not keep.any():
+        return torch.zeros(tuple(output_size), dtype=torch.int32, device=device), []
+    scores, labels = scores[keep], labels[keep]
+    masks = pred_masks[keep][:, None].float()
+    masks = F.interpolate(masks, size=tuple(image_size), mode="bilinear", align_corners=False)
+    masks = masks.flatten(1)  # [S, h*w]
+
+    thing_set = {int(i) for i in thing_ids}
+    is_thing = [int(label) in thing_set for label in labels.tolist()]
+    merge, first_of_class = [], {}
+    for index, (label, thing) in enumerate(zip(labels.tolist(), is_thing)):
+        merge.append(index if thing else first_of_class.setdefault(label, index))
+    ids = _segment_id_map(masks, image_size, output_size, torch.as_tensor(merge, device=device))
+    areas = torch.bincount(ids.flatten(), minlength=len(labels))
+    while True:
+        small = areas <= PANOPTIC_MAX_DROPPED_AREA
+        if not small.any():
+            break
+        kept = (~small).nonzero()[:, 0]
+        masks, scores, labels = masks[kept], scores[kept], labels[kept]
+        is_thing = [is_thing[i] for i in kept.tolist()]
+        if len(labels) == 0:
+            return torch.zeros(tuple(output_size), dtype=torch.int32, device=device), []
+        ids = _segment_id_map(masks, image_size, output_size)
+        areas = torch.bincount(ids.flatten(), minlength=len(labels))
+
+    segments_info = [
+        {"id": i + 1, "category_id": label, "isthing": thing, "score": score, "area": area}
+        for i, (label, thing, score, area) in enumerate(
+            zip(labels.tolist(), is_thing, scores.tolist(), areas.tolist())
+        )
+    ]
+    return (ids + 1).to(torch.int32), segments_info

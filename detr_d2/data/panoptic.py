@@ -1,0 +1,271 @@
+"""COCO panoptic data for DETR: dataset registration from the config, training targets from
+panoptic PNGs, and the class layouts the model and the checkpoint loader need.
+
+Class ids: Detectron2's "standard" COCO panoptic layout (``coco_2017_*_panoptic``, not
+``*_panoptic_separated``) gives things and stuff one contiguous range, things first: 133 COCO
+classes, things 0..79, stuff 80..132. Datasets registered through
+``DATASETS.REGISTER_COCO_PANOPTIC`` get the same layout (things first, in the json's order).
+Official panoptic checkpoints index their 251-row class head by COCO panoptic category id
+(things 1..90, stuff 92..200, row 250 "no object").
+"""
+
+import json
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BitMasks, Boxes, Instances
+
+__all__ = [
+    "OFFICIAL_PANOPTIC_NUM_CLASSES",
+    "coco_panoptic_class_rows",
+    "load_coco_panoptic",
+    "panoptic_metadata",
+    "panoptic_to_instances",
+    "register_coco_panoptic_from_cfg",
+    "rgb2id",
+    "thing_ids_from_cfg",
+]
+
+logger = logging.getLogger(__name__)
+
+# Classes of the official panoptic checkpoints' own layout (logit i = COCO panoptic id i).
+OFFICIAL_PANOPTIC_NUM_CLASSES = 250
+# In that layout, ids up to 90 are things (official PostProcessPanoptic's is_thing_map).
+OFFICIAL_LAST_THING_ID = 90
+COCO_PANOPTIC_NUM_CLASSES = 133
+# Detectron2's builtin standard COCO panoptic registration (its metadata needs no files).
+_BUILTIN_COCO_PANOPTIC = "coco_2017_val_panoptic"
+_KEY = "DATASETS.REGISTER_COCO_PANOPTIC"
+
+
+def rgb2id(color: np.ndarray) -> np.ndarray:
+    """COCO panoptic PNG [H, W, 3] uint8 -> segment ids [H, W] int64: R + 256 G + 256^2 B."""
+    color = color.astype(np.int64)
+    return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
+
+
+def _panoptic_layout(meta) -> Optional[Dict[str, Dict[int, int]]]:
+    """The thing and stuff id maps of a dataset's metadata if they form one contiguous range
+    (the standard layout), else None (no panoptic metadata, or the "separated" layout)."""
+    things = meta.get("thing_dataset_id_to_contiguous_id")
+    stuff = meta.get("stuff_dataset_id_to_contiguous_id")
+    if not things or not stuff:
+        return None
+    ids = sorted(list(things.values()) + list(stuff.values()))
+    if ids != list(range(len(ids))):
+        return None
+    return {"things": dict(things), "stuff": dict(stuff)}
+
+
+def _datasets_of(cfg: CfgNode) -> List[str]:
+    return list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
+
+
+def thing_ids_from_cfg(cfg: CfgNode) -> Optional[List[int]]:
+    """The model's classes that are things, or None when every class is a thing.
+
+    - ``NUM_CLASSES`` 250: the official checkpoints' own layout, ids <= 90 are things;
+    - a dataset of ``DATASETS.TEST``/``TRAIN`` with a standard panoptic layout of
+      ``NUM_CLASSES`` classes: its thing classes;
+    - otherwise (detection datasets) None.
+    """
+    num_classes = cfg.MODEL.DETR.NUM_CLASSES
+    if num_classes == OFFICIAL_PANOPTIC_NUM_CLASSES:
+        return list(range(OFFICIAL_LAST_THING_ID + 1))
+    for name in _datasets_of(cfg):
+        meta = MetadataCatalog.get(name)
+        layout = _panoptic_layout(meta)
+        if layout is not None and len(layout["things"]) + len(layout["stuff"]) == num_classes:
+            return sorted(layout["things"].values())
+        if meta.get("stuff_dataset_id_to_contiguous_id") and cfg.MODEL.DETR.TEST.PANOPTIC_ON:
+            raise ValueError(
+                f"Dataset {name!r} has no contiguous thing+stuff class layout of "
+                f"MODEL.DETR.NUM_CLASSES={num_classes} classes (Detectron2's "
+                "'*_panoptic_separated' datasets number stuff separately). Use the standard "
+                "registration, e.g. 'coco_2017_val_panoptic' with NUM_CLASSES 133, or set "
+                "NUM_CLASSES to the dataset's thing + stuff count."
+            )
+    return None
+
+
+def coco_panoptic_class_rows(cfg: CfgNode) -> Optional[List[int]]:
+    """COCO panoptic category id of each of the 133 contiguous classes (the rows of an official
+    251-row panoptic class head to take), or None when NUM_CLASSES is not 133."""
+    if cfg.MODEL.DETR.NUM_CLASSES != COCO_PANOPTIC_NUM_CLASSES:
+        return None
+    for name in _datasets_of(cfg) + [_BUILTIN_COCO_PANOPTIC]:
+        layout = _panoptic_layout(MetadataCatalog.get(name))
+        if (
+            layout is not None
+            and len(layout["things"]) + len(layout["stuff"]) == COCO_PANOPTIC_NUM_CLASSES
+        ):
+            merged = {**layout["things"], **layout["stuff"]}
+            return [dataset_id for dataset_id, _ in sorted(merged.items(), key=lambda kv: kv[1])]
+    return None
+
+
+def panoptic_metadata(categories: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Detectron2 metadata of a COCO panoptic ``categories`` list in the standard layout: things
+    first, then stuff, each in the json's order, so that one contiguous id indexes both
+    ``thing_classes`` (the things only, as ``COCOEvaluator`` expects) and ``stuff_classes``
+    (every class, as ``Visualizer.draw_panoptic_seg`` expects); colours likewise."""
+    ordered = [c for c in categories if c.get("isthing", 0)] + [
+        c for c in categories if not c.get("isthing", 0)
+    ]
+    rng = np.random.default_rng(0)  # fixed colours for categories without one
+    colors = [
+        list(c["color"]) if "color" in c else rng.integers(0, 256, 3).tolist() for c in ordered
+    ]
+    names = [c["name"] for c in ordered]
+    num_things = sum(1 for c in ordered if c.get("isthing", 0))
+    return {
+        "thing_classes": names[:num_things],
+        "thing_colors": colors[:num_things],
+        "stuff_classes": names,
+        "stuff_colors": colors,
+        "thing_dataset_id_to_contiguous_id": {
+            c["id"]: i for i, c in enumerate(ordered) if c.get("isthing", 0)
+        },
+        "stuff_dataset_id_to_contiguous_id": {
+            c["id"]: i for i, c in enumerate(ordered) if not c.get("isthing", 0)
+        },
+    }
+
+
+def load_coco_panoptic(
+    panoptic_json: str, image_root: str, panoptic_root: str, meta: Dict[str, Any]
+) -> List[Dict]:
+    """Dataset dicts of a COCO panoptic json: ``file_name`` (from the json's ``images``, so any
+    image extension works), ``image_id``, ``height``, ``width``, ``pan_seg_file_name`` and
+    ``segments_info`` with contiguous ``category_id`` and ``isthing``."""
+    with open(panoptic_json) as f:
+        data = json.load(f)
+    images = {image["id"]: image for image in data["images"]}
+    things, stuff = (
+        meta["thing_dataset_id_to_contiguous_id"],
+        meta["stuff_dataset_id_to_contiguous_id"],
+    )
+    records = []
+    for ann in data["annotations"]:
+        image = images[ann["image_id"]]
+        segments = []
+        for segment in ann["segments_info"]:
+            category = segment["category_id"]
+            if category not in things and category not in stuff:
+                raise KeyError(
+                    f"{panoptic_json}: segment {segment['id']} of image {ann['image_id']} has "
+                    f"category_id {category}, which is not in the json's categories."
+                )
+            isthing = category in things
+            segments.append(
+                dict(segment, category_id=(things if isthing else stuff)[category], isthing=isthing)
+            )
+        records.append(
+            {
+                "file_name": os.path.join(image_root, image["file_name"]),
+                "image_id": ann["image_id"],
+                "height": image["height"],
+                "width": image["width"],
+                "pan_seg_file_name": os.path.join(panoptic_root, ann["file_name"]),
+                "segments_info": segments,
+            }
+        )
+    return records
+
+
+def register_coco_panoptic_from_cfg(cfg: CfgNode) -> List[str]:
+    """Register every ``[name, image_root, panoptic_root, panoptic_json(, instances_json)]`` of
+    ``DATASETS.REGISTER_COCO_PANOPTIC`` (metadata as Detectron2's ``register_coco_panoptic``,
+    evaluator type "coco_panoptic_seg"). Missing files fail here with the key and the path;
+    registering the same name with the same files again is a no-op."""
+    names = []
+    for i, entry in enumerate(cfg.DATASETS.REGISTER_COCO_PANOPTIC):
+        key = f"{_KEY}[{i}]"
+        if not (
+            isinstance(entry, (list, tuple))
+            and len(entry) in (4, 5)
+            and all(isinstance(x, str) for x in entry)
+        ):
+            raise ValueError(
+                f"{key} must be [name, image_root, panoptic_root, panoptic_json] or with a fifth "
+                f"string, instances_json; got {entry!r}."
+            )
+        name, image_root, panoptic_root, panoptic_json = entry[:4]
+        instances_json = entry[4] if len(entry) == 5 and entry[4] else None
+        for path, what, exists in [
+            (image_root, "image folder", os.path.isdir),
+            (panoptic_root, "panoptic PNG folder", os.path.isdir),
+            (panoptic_json, "panoptic json", os.path.isfile),
+            (instances_json, "instances json", os.path.isfile),
+        ]:
+            if path is not None and not exists(path):
+                raise FileNotFoundError(f"{key} ({name!r}): {what} not found: {path}")
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            if meta.get("panoptic_json") == panoptic_json and meta.get("image_root") == image_root:
+                continue
+            raise ValueError(
+                f"{key}: dataset name {name!r} is already registered with other files; "
+                "choose another name."
+            )
+        with open(panoptic_json) as f:
+            meta = panoptic_metadata(json.load(f)["categories"])
+        DatasetCatalog.register(
+            name,
+            lambda j=panoptic_json, i=image_root, p=panoptic_root, m=meta: load_coco_panoptic(
+                j, i, p, m
+            ),
+        )
+        MetadataCatalog.get(name).set(
+            panoptic_root=panoptic_root,
+            image_root=image_root,
+            panoptic_json=panoptic_json,
+            json_file=instances_json,
+            evaluator_type="coco_panoptic_seg",
+            ignore_label=255,
+            label_divisor=1000,
+            **meta,
+        )
+        names.append(name)
+        logger.info(
+            f"Registered COCO panoptic dataset {name!r}: {panoptic_json}, images in {image_root}"
+        )
+    return names
+
+
+def panoptic_to_instances(
+    segment_ids: np.ndarray, segments_info: Sequence[Dict[str, Any]], with_masks: bool
+) -> Instances:
+    """Training targets of one (augmented) panoptic image: one instance per non-crowd segment
+    still present, with ``gt_classes``, ``gt_boxes`` (XYXY pixels) and, with ``with_masks``,
+    ``gt_masks`` (``BitMasks``).
+
+    Args:
+        segment_ids: [H, W] segment id of each pixel (see :func:`rgb2id`).
+        segments_info: the record's segments (``id``, contiguous ``category_id``, ``iscrowd``).
+    """
+    image_shape = segment_ids.shape[:2]
+    ids = torch.from_numpy(np.ascontiguousarray(segment_ids))
+    kept = [s for s in segments_info if not s.get("iscrowd", 0)]  # official: no crowd targets
+    masks = (
+        torch.stack([ids == s["id"] for s in kept])
+        if kept
+        else torch.zeros((0, *image_shape), dtype=torch.bool)
+    )
+    present = masks.flatten(1).any(1)  # segments a crop removed entirely have no target
+    masks = masks[present]
+    classes = [s["category_id"] for s, p in zip(kept, present.tolist()) if p]
+    instances = Instances(image_shape)
+    instances.gt_classes = torch.as_tensor(classes, dtype=torch.int64)
+    bit_masks = BitMasks(masks)
+    # the tight box of the augmented mask: a crop can cut a segment, and the json's box is
+    # that of the original image
+    instances.gt_boxes = Boxes(bit_masks.get_bounding_boxes().tensor)
+    if with_masks:
+        instances.gt_masks = bit_masks
+    return instances
