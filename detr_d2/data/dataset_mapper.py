@@ -15,7 +15,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances, polygons_to_bitmask
 
 from .augmentation import build_detr_augmentation
-from .panoptic import panoptic_to_instances, rgb2id
+from .panoptic import check_panoptic_ids, panoptic_to_instances, rgb2id
 
 __all__ = ["DetrDatasetMapper"]
 
@@ -116,7 +116,9 @@ class DetrDatasetMapper:
         on things and stuff alike)."""
         # The RGB-encoded PNG goes through the transforms (nearest for segmentations) before
         # decoding, so that no interpolation ever mixes two segment ids.
-        pan_rgb = read_image_checked(dataset_dict.pop("pan_seg_file_name"), "RGB", dataset_dict.get("image_id"))
+        file_name = dataset_dict.pop("pan_seg_file_name")
+        pan_rgb = read_image_checked(file_name, "RGB", dataset_dict.get("image_id"))
+        check_panoptic_ids(rgb2id(pan_rgb), dataset_dict["segments_info"], file_name, dataset_dict.get("image_id"))
         segment_ids = rgb2id(transforms.apply_segmentation(pan_rgb))
         return panoptic_to_instances(segment_ids, dataset_dict.pop("segments_info"), self.mask_on)
 

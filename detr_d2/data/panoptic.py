@@ -238,6 +238,22 @@ def register_coco_panoptic_from_cfg(cfg: CfgNode) -> List[str]:
     return names
 
 
+def check_panoptic_ids(
+    segment_ids: np.ndarray, segments_info: Sequence[Dict[str, Any]], file_name: str, image_id: Any
+) -> None:
+    """Fail, naming the PNG and the image id, when the PNG's segment ids (0 = void) and the
+    ``segments_info`` ids differ: a segment listed but absent would silently lose its target,
+    and pixels of an unlisted id would silently become "no object"."""
+    in_png = set(np.unique(segment_ids).tolist()) - {0}
+    listed = {s["id"] for s in segments_info}
+    if in_png != listed:
+        raise ValueError(
+            f"image id {image_id}: panoptic PNG {file_name} does not match its segments_info: "
+            f"ids only in the PNG {sorted(in_png - listed)[:10]}, only in segments_info "
+            f"{sorted(listed - in_png)[:10]}."
+        )
+
+
 def panoptic_to_instances(
     segment_ids: np.ndarray, segments_info: Sequence[Dict[str, Any]], with_masks: bool
 ) -> Instances:

@@ -247,3 +247,17 @@ def test_coco_panoptic_layouts():
     cfg.DATASETS.TEST = ("coco_2017_val_panoptic_separated",)
     with pytest.raises(ValueError, match="coco_2017_val_panoptic"):
         thing_ids_from_cfg(cfg)
+
+
+@pytest.mark.parametrize("change", ["drop_listed", "add_listed"])
+def test_png_ids_must_match_segments_info(registered, change):
+    cfg, records = registered
+    record = copy.deepcopy(records[0])
+    if change == "drop_listed":  # a PNG segment without its segments_info entry
+        removed = record["segments_info"].pop(0)["id"]
+        expected = rf"ids only in the PNG \[{removed}\], only in segments_info \[\]"
+    else:  # a listed segment that the PNG does not contain
+        record["segments_info"].append(dict(record["segments_info"][0], id=123456))
+        expected = r"ids only in the PNG \[\], only in segments_info \[123456\]"
+    with pytest.raises(ValueError, match=rf"image id {record['image_id']}: panoptic PNG .*{expected}"):
+        mapper(cfg, [])(record)
