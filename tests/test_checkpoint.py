@@ -142,3 +142,20 @@ def test_download_checks_sha256_prefix_and_caches(tmp_path):
     with pytest.raises(RuntimeError, match="Checksum mismatch"):
         download_weights(bad_path.as_uri(), cache_dir=str(cache))
     assert not (cache / "detr-x-00000000.pth").exists()
+
+
+def test_converter_tool_remaps_panoptic_head_to_133(tmp_path):
+    _, manifest = load_reference("r50_panoptic")
+    path = make_upstream_checkpoint(manifest, 0, tmp_path / "detr-r50-panoptic.pth")
+    out = tmp_path / "converted.pth"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools/convert_detr_checkpoint.py"), str(path), str(out), "--num-classes", "133"],
+        capture_output=True, text=True, check=True,
+    )
+    assert "remapped: 2" in result.stderr, result.stderr
+    saved = torch.load(out, weights_only=True)["model"]
+    official = safe_torch_load(str(path))["model"]
+    assert saved["class_embed.weight"].shape == (134, 256)
+    assert torch.equal(saved["class_embed.weight"][0], official["detr.class_embed.weight"][1])  # person
+    assert torch.equal(saved["class_embed.weight"][-1], official["detr.class_embed.weight"][250])  # no object
+    assert "mask_head.lay1.weight" in saved and "backbone.res2.0.conv1.weight" in saved

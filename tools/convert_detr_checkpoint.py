@@ -12,18 +12,25 @@ import argparse
 import logging
 
 import torch
-from detectron2.data import MetadataCatalog
+from detectron2.config import get_cfg
 from detectron2.data.datasets import builtin  # noqa: F401  (registers the COCO metadata)
 
+from detr_d2 import add_detr_config
 from detr_d2.checkpoint import convert_official_state_dict, is_official_detr_state_dict, safe_torch_load
+from detr_d2.data import coco_class_rows
 
 logger = logging.getLogger("convert_detr_checkpoint")
 
 
-def coco_rows() -> list:
-    """COCO category id of each of Detectron2's 80 contiguous COCO classes."""
-    mapping = MetadataCatalog.get("coco_2017_val").thing_dataset_id_to_contiguous_id
-    return [dataset_id for dataset_id, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+def class_rows_for(num_classes: int) -> list:
+    """Checkpoint rows of Detectron2's contiguous COCO (80) or COCO panoptic (133) classes, from
+    Detectron2's builtin metadata; None for other class counts (head kept as it is)."""
+    cfg = get_cfg()
+    add_detr_config(cfg)
+    cfg.MODEL.DETR.NUM_CLASSES = num_classes
+    cfg.DATASETS.TRAIN = ()
+    cfg.DATASETS.TEST = ("coco_2017_val_panoptic",) if num_classes == 133 else ("coco_2017_val",)
+    return coco_class_rows(cfg)
 
 
 def main() -> None:
@@ -32,8 +39,9 @@ def main() -> None:
     parser.add_argument("output", help="where to write the Detectron2-format .pth")
     parser.add_argument(
         "--num-classes", type=int, default=None,
-        help="classes of the target model: default keeps the head as it is (91 for COCO detection "
-        "checkpoints); 80 remaps the 92-row COCO head to Detectron2's contiguous COCO ids",
+        help="classes of the target model: default keeps the head as it is (91 for COCO detection, "
+        "250 for panoptic checkpoints); 80 remaps a 92-row COCO head to Detectron2's contiguous COCO "
+        "ids, 133 a 251-row panoptic head to Detectron2's COCO panoptic classes",
     )
     parser.add_argument("--verbose", action="store_true", help="list every key")
     args = parser.parse_args()
@@ -45,7 +53,7 @@ def main() -> None:
         raise SystemExit(f"{args.input} does not look like an official DETR checkpoint (no backbone.0.body.* keys).")
     head = next(v for k, v in state_dict.items() if k.endswith("class_embed.weight"))
     num_classes = args.num_classes if args.num_classes is not None else head.shape[0] - 1
-    class_rows = coco_rows() if num_classes == 80 and head.shape[0] == 92 else None
+    class_rows = class_rows_for(num_classes) if head.shape[0] != num_classes + 1 else None
     converted, report = convert_official_state_dict(state_dict, num_classes, class_rows)
 
     for kind in ("renamed", "kept", "remapped"):
