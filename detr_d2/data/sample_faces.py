@@ -13,12 +13,13 @@ import json
 import logging
 import math
 import re
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from .generated import PARAMS_FILE, generate_splits_once
 
 __all__ = ["generate_face_dataset", "render_image", "CATEGORIES", "GENERATOR_VERSION"]
 
@@ -28,7 +29,6 @@ logger = logging.getLogger(__name__)
 GENERATOR_VERSION = 1
 CATEGORIES = [{"id": 1, "name": "face", "supercategory": "person"}]
 SPLITS = ("train", "val")
-PARAMS_FILE = "params.json"
 
 # Faces are drawn at SUPERSAMPLE x the final resolution and box-filtered down: antialiased edges.
 SUPERSAMPLE = 3
@@ -408,14 +408,6 @@ def _remove_previous(out_dir: Path) -> None:
                     path.unlink()
 
 
-def _read_params(out_dir: Path) -> Optional[Dict[str, Any]]:
-    """The stored record of a completed earlier run, or None."""
-    try:
-        with open(out_dir / PARAMS_FILE) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
 
 def generate_face_dataset(
     out_dir: Union[str, Path],
@@ -432,36 +424,19 @@ def generate_face_dataset(
     """
     if num_train < 0 or num_val < 0:
         raise ValueError(f"image counts must be >= 0, got num_train={num_train} num_val={num_val}")
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
     params = {
         "generator_version": GENERATOR_VERSION,
         "num_train": int(num_train),
         "num_val": int(num_val),
         "seed": int(seed),
     }
-    previous = _read_params(out_dir)
-    complete = all((out_dir / f"{split}.json").is_file() for split in SPLITS)
-    if not force and complete and previous is not None and previous.get("params") == params:
-        logger.info("Sample faces already in %s with the same parameters; skipping.", out_dir)
-        return {**previous["counts"], "skipped": True, "seconds": time.perf_counter() - start}
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_previous(out_dir)
-    counts = {
-        "train": _generate_split(out_dir, "train", num_train, seed),
-        "val": _generate_split(out_dir, "val", num_val, seed),
-    }
-    # Written last: an interrupted run has no params file and is regenerated next time.
-    with open(out_dir / PARAMS_FILE, "w") as f:
-        json.dump({"params": params, "counts": counts}, f, indent=2, sort_keys=True)
-        f.write("\n")
-    seconds = time.perf_counter() - start
-    logger.info(
-        "Generated %d train + %d val sample face images in %s (%.1f s).",
-        num_train,
-        num_val,
-        out_dir,
-        seconds,
+    return generate_splits_once(
+        Path(out_dir),
+        what="sample face",
+        params=params,
+        split_sizes={"train": num_train, "val": num_val},
+        marker_files=[f"{split}.json" for split in SPLITS],
+        remove_previous=_remove_previous,
+        generate_split=lambda out, split, n: _generate_split(out, split, n, seed),
+        force=force,
     )
-    return {**counts, "skipped": False, "seconds": seconds}

@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image, ImageDraw
 
+from .generated import PARAMS_FILE, generate_splits_once
 # the cartoon faces of the sample face dataset, drawn the same way here
 from .sample_faces import SUPERSAMPLE, _colour, _ellipse, _Face
 
@@ -60,7 +60,6 @@ CATEGORIES = [
     },
 ]
 SPLITS = ("train", "val")
-PARAMS_FILE = "params.json"
 
 MIN_SIDE, MAX_SIDE = 128, 176
 # 1 to 4 things per image, large enough for a from-scratch DETR to localise in minutes.
@@ -359,13 +358,6 @@ def _remove_previous(out_dir: Path) -> None:
                     path.unlink()
 
 
-def _read_params(out_dir: Path) -> Optional[Dict[str, Any]]:
-    try:
-        with open(out_dir / PARAMS_FILE) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
 
 def generate_panoptic_dataset(
     out_dir: Union[str, Path],
@@ -382,38 +374,19 @@ def generate_panoptic_dataset(
     """
     if num_train < 0 or num_val < 0:
         raise ValueError(f"image counts must be >= 0, got num_train={num_train} num_val={num_val}")
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
     params = {
         "generator_version": GENERATOR_VERSION,
         "num_train": int(num_train),
         "num_val": int(num_val),
         "seed": int(seed),
     }
-    previous = _read_params(out_dir)
-    complete = all((out_dir / f"panoptic_{split}.json").is_file() for split in SPLITS)
-    if not force and complete and previous is not None and previous.get("params") == params:
-        logger.info(
-            "Sample panoptic data already in %s with the same parameters; skipping.", out_dir
-        )
-        return {**previous["counts"], "skipped": True, "seconds": time.perf_counter() - start}
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_previous(out_dir)
-    counts = {
-        split: _generate_split(out_dir, split, n, seed)
-        for split, n in (("train", num_train), ("val", num_val))
-    }
-    # Written last: an interrupted run has no params file and is regenerated next time.
-    with open(out_dir / PARAMS_FILE, "w") as f:
-        json.dump({"params": params, "counts": counts}, f, indent=2, sort_keys=True)
-        f.write("\n")
-    seconds = time.perf_counter() - start
-    logger.info(
-        "Generated %d train + %d val sample panoptic images in %s (%.1f s).",
-        num_train,
-        num_val,
-        out_dir,
-        seconds,
+    return generate_splits_once(
+        Path(out_dir),
+        what="sample panoptic",
+        params=params,
+        split_sizes={"train": num_train, "val": num_val},
+        marker_files=[f"panoptic_{split}.json" for split in SPLITS],
+        remove_previous=_remove_previous,
+        generate_split=lambda out, split, n: _generate_split(out, split, n, seed),
+        force=force,
     )
-    return {**counts, "skipped": False, "seconds": seconds}
