@@ -1,7 +1,6 @@
 """Datasets named in the config, and the checks DETR's training data gets before use."""
 import functools
 import logging
-import os
 from typing import Dict, List, Optional
 
 from detectron2.config import CfgNode
@@ -9,6 +8,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from .coco_json import load_coco_detection_json
+from .registration import needs_registration
 from .panoptic import coco_panoptic_class_rows, register_coco_panoptic_from_cfg
 
 logger = logging.getLogger(__name__)
@@ -29,18 +29,9 @@ def register_datasets_from_cfg(cfg: CfgNode) -> List[str]:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and all(isinstance(x, str) for x in entry)):
             raise ValueError(f"{key} must be [name, json_file, image_root] (three strings), got {entry!r}.")
         name, json_file, image_root = entry
-        if not os.path.isfile(json_file):
-            raise FileNotFoundError(f"{key} ({name!r}): annotation file not found: {json_file}")
-        if not os.path.isdir(image_root):
-            raise FileNotFoundError(f"{key} ({name!r}): image folder not found: {image_root}")
-        if name in DatasetCatalog.list():
-            meta = MetadataCatalog.get(name)
-            if meta.get("json_file") == json_file and meta.get("image_root") == image_root:
-                continue
-            raise ValueError(
-                f"{key}: dataset name {name!r} is already registered with other files "
-                f"({meta.get('json_file')}, {meta.get('image_root')}); choose another name."
-            )
+        files = [("annotation file", json_file, "file"), ("image folder", image_root, "folder")]
+        if not needs_registration(key, name, files, {"json_file": json_file, "image_root": image_root}):
+            continue
         DatasetCatalog.register(name, functools.partial(load_coco_detection_json, json_file, image_root, name))
         MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
         names.append(name)

@@ -20,6 +20,8 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BitMasks, Boxes, Instances
 
+from .registration import needs_registration
+
 __all__ = [
     "OFFICIAL_PANOPTIC_NUM_CLASSES",
     "coco_panoptic_class_rows",
@@ -197,22 +199,15 @@ def register_coco_panoptic_from_cfg(cfg: CfgNode) -> List[str]:
             )
         name, image_root, panoptic_root, panoptic_json = entry[:4]
         instances_json = entry[4] if len(entry) == 5 and entry[4] else None
-        for path, what, exists in [
-            (image_root, "image folder", os.path.isdir),
-            (panoptic_root, "panoptic PNG folder", os.path.isdir),
-            (panoptic_json, "panoptic json", os.path.isfile),
-            (instances_json, "instances json", os.path.isfile),
-        ]:
-            if path is not None and not exists(path):
-                raise FileNotFoundError(f"{key} ({name!r}): {what} not found: {path}")
-        if name in DatasetCatalog.list():
-            meta = MetadataCatalog.get(name)
-            if meta.get("panoptic_json") == panoptic_json and meta.get("image_root") == image_root:
-                continue
-            raise ValueError(
-                f"{key}: dataset name {name!r} is already registered with other files; "
-                "choose another name."
-            )
+        files = [
+            ("image folder", image_root, "folder"),
+            ("panoptic PNG folder", panoptic_root, "folder"),
+            ("panoptic json", panoptic_json, "file"),
+            ("instances json", instances_json, "file"),
+        ]
+        identity = {"panoptic_json": panoptic_json, "image_root": image_root}
+        if not needs_registration(key, name, files, identity):
+            continue
         with open(panoptic_json) as f:
             meta = panoptic_metadata(json.load(f)["categories"])
         DatasetCatalog.register(

@@ -100,14 +100,7 @@ def test_convert(wider: Tuple[Path, Path], tmp_path: Path) -> None:
         assert w > 0 and h > 0 and x + w <= img["width"] and y + h <= img["height"]
         assert ann["area"] == pytest.approx(w * h)
         assert ann["category_id"] == 1 and ann["iscrowd"] == 0
-        assert set(ann["attributes"]) == {
-            "blur",
-            "expression",
-            "illumination",
-            "invalid",
-            "occlusion",
-            "pose",
-        }
+        assert set(ann["attributes"]) == {"blur", "expression", "illumination", "invalid", "occlusion", "pose"}
     first = coco.loadAnns(coco.getAnnIds(imgIds=[crowd]))[0]
     assert first["attributes"]["blur"] == 2 and first["attributes"]["pose"] == 2
 
