@@ -62,6 +62,18 @@ def add_detr_config(cfg: CN) -> None:
     # Threshold on the sigmoid mask probability of binary instance masks (official PostProcessSegm).
     cfg.MODEL.DETR.TEST.MASK_THRESHOLD = 0.5
 
+    # Speed (docs/benchmarks.md). Backbone activations and weights in channels-last memory
+    # format (NHWC), in training and inference: faster convolutions with oneDNN and cuDNN.
+    cfg.MODEL.DETR.CHANNELS_LAST = False
+    # Inference precision: "fp32", "bf16" (CPU with AVX512-BF16/AMX, Ampere+ GPUs) or "fp16"
+    # (GPU only). bf16/fp16 run the network under torch.autocast; post-processing stays fp32.
+    cfg.TEST.PRECISION = "fp32"
+    # Fold (frozen) batch norms into the preceding convolutions of an inference copy of the model.
+    cfg.TEST.FOLD_BATCHNORM = False
+    # Mixed-precision training (SOLVER.AMP.ENABLED): "fp16" (GPU, with a gradient scaler) or
+    # "bf16" (CPU or GPU, no scaler needed). Matching and losses always run in fp32.
+    cfg.SOLVER.AMP.PRECISION = "fp16"
+
     # Learning-rate multiplier of the backbone (official: 1e-5 vs 1e-4 for the transformer).
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # Optimizer: "ADAMW" (official) or "SGD" (Detectron2's default).

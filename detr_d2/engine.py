@@ -1,6 +1,7 @@
 """Detectron2 ``DefaultTrainer`` for DETR: its optimizer, mapper, evaluator and checkpointer."""
 import logging
 import os
+import time
 import weakref
 from typing import Callable, Dict, List
 
@@ -20,6 +21,7 @@ from detectron2.utils import comm
 from .checkpoint import DetrCheckpointer
 from .data import DetrDatasetMapper, coco_class_rows, drop_degenerate_boxes
 from .model_report import log_model_report
+from .precision import precision_dtype
 from .data.resumable import ResumableTrainingSampler, SeededMapDataset, rng_state, set_rng_state
 from .solver import build_detr_optimizer
 
@@ -32,6 +34,13 @@ def resolve_device(cfg: CfgNode) -> None:
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.warning(f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} but CUDA is not available: running on CPU.")
         cfg.MODEL.DEVICE = "cpu"
+        # fp16 has no fast CPU kernels; bf16 has fp32's range, so no loss scaling is lost
+        if cfg.TEST.PRECISION == "fp16":
+            logger.warning("TEST.PRECISION='fp16' needs a GPU: using 'bf16' on CPU.")
+            cfg.TEST.PRECISION = "bf16"
+        if cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.AMP.PRECISION == "fp16":
+            logger.warning("SOLVER.AMP.PRECISION='fp16' needs a GPU: using 'bf16' on CPU.")
+            cfg.SOLVER.AMP.PRECISION = "bf16"
     logger.info(f"Running on {cfg.MODEL.DEVICE} with {torch.get_num_threads()} CPU threads.")
 
 
@@ -62,7 +71,43 @@ class _DetrSimpleTrainer(_NonFiniteLossCheck, SimpleTrainer):
 
 
 class _DetrAMPTrainer(_NonFiniteLossCheck, AMPTrainer):
-    pass
+    """Detectron2's ``AMPTrainer`` for any device: autocast on the model's device type (its
+    ``run_step`` asserts CUDA), with a gradient scaler only for fp16 (bf16 has fp32's range).
+    The scaler's state is checkpointed by ``AMPTrainer.state_dict``; gradients are unscaled
+    before the optimizer's full-model clipping (``GradScaler.step`` unscales first)."""
+
+    def __init__(self, model, data_loader, optimizer, precision: torch.dtype):
+        device_type = next(model.parameters()).device.type
+        scaler = torch.amp.GradScaler(device_type, enabled=precision == torch.float16)
+        super().__init__(model, data_loader, optimizer, grad_scaler=scaler, precision=precision)
+        self.device_type = device_type
+
+    def run_step(self):
+        assert self.model.training, "[_DetrAMPTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast(self.device_type, dtype=self.precision):
+            loss_dict = self.model(data)  # the criterion inside runs in fp32
+        losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        self.grad_scaler.scale(losses).backward()
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+
+
+def build_step_trainer(cfg: CfgNode, model, data_loader, optimizer) -> SimpleTrainer:
+    """The per-iteration trainer: fp32, or mixed precision with ``SOLVER.AMP.ENABLED`` in
+    ``SOLVER.AMP.PRECISION`` ("fp16" on GPUs, "bf16" on CPUs and GPUs)."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return _DetrSimpleTrainer(model, data_loader, optimizer)
+    device_type = next(model.parameters()).device.type
+    precision = precision_dtype(cfg.SOLVER.AMP.PRECISION, "SOLVER.AMP.PRECISION", device_type)
+    if precision == torch.float32:
+        return _DetrSimpleTrainer(model, data_loader, optimizer)
+    return _DetrAMPTrainer(model, data_loader, optimizer, precision)
 
 
 class DetrTrainer(DefaultTrainer):
@@ -80,8 +125,7 @@ class DetrTrainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
         ddp_kwargs = {"device_ids": None} if next(model.parameters()).device.type == "cpu" else {}
         model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
-        trainer_type = _DetrAMPTrainer if cfg.SOLVER.AMP.ENABLED else _DetrSimpleTrainer
-        self._trainer = trainer_type(model, data_loader, optimizer)
+        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
         self.data_sampler = getattr(data_loader, "resumable_sampler", None)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = build_checkpointer(cfg, model, trainer=weakref.proxy(self))

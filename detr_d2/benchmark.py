@@ -1,0 +1,333 @@
+"""Speed and memory of DETR: inference, training steps, data loading and evaluation.
+
+Every task times one unit of work (a batch through the model, an optimizer step, one mapped
+image, one full evaluation) ``iters`` times after ``warmup`` untimed runs and reports the median
+and spread, so one slow run (page cache, a neighbour process) does not decide the number. The
+record also says where it was measured (device, threads, precision, versions), because a number
+without its machine is meaningless. ``tools/benchmark.py`` is the command line;
+``docs/benchmarks.md`` holds measured tables.
+"""
+import contextlib
+import io
+import itertools
+import logging
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import detectron2
+import numpy as np
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog, get_detection_dataset_dicts
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+from tqdm import tqdm
+
+from .data import DetrDatasetMapper, drop_degenerate_boxes
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("inference", "train", "data", "eval")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(
+    fn: Callable[[], object], warmup: int, iters: int, device: torch.device, desc: str
+) -> List[float]:
+    """Seconds of each of ``iters`` calls of ``fn`` after ``warmup`` untimed calls (the first
+    calls pay for allocator growth, oneDNN/cuDNN kernel selection and lazy initialisation)."""
+    for _ in tqdm(range(warmup), desc=f"{desc} (warm-up)", leave=False, disable=None):
+        fn()
+    _synchronize(device)
+    times = []
+    for _ in tqdm(range(iters), desc=desc, leave=False, disable=None):
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summarize_times(times: List[float], items_per_call: int, unit: str) -> Dict:
+    """Median, quartiles and extremes of per-call seconds; throughput from the median."""
+    p25, p75 = np.percentile(times, [25, 75])
+    median = statistics.median(times)
+    return {
+        "seconds_median": median,
+        "seconds_p25": float(p25),
+        "seconds_p75": float(p75),
+        "seconds_min": min(times),
+        "seconds_max": max(times),
+        "spread_iqr_percent": 100.0 * float(p75 - p25) / median if median else 0.0,
+        f"{unit}_per_second": items_per_call / median if median else float("inf"),
+        "timed_calls": len(times),
+    }
+
+
+def _current_rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_record(device: torch.device) -> Dict:
+    """Peak resident memory of this process (CPU) or peak allocated tensor memory (GPU)."""
+    if device.type == "cuda":
+        return {"peak_gpu_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_now_mib": _current_rss_mib(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment_record(cfg: CfgNode) -> Dict:
+    """Where and how the numbers were measured."""
+    device = torch.device(cfg.MODEL.DEVICE)
+    return {
+        "device": cfg.MODEL.DEVICE,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "detectron2": detectron2.__version__,
+        "detr_d2_commit": _git_commit(),
+        "test_precision": cfg.TEST.PRECISION,
+        "train_precision": cfg.SOLVER.AMP.PRECISION if cfg.SOLVER.AMP.ENABLED else "fp32",
+        "channels_last": cfg.MODEL.DETR.CHANNELS_LAST,
+        "fold_batchnorm": cfg.TEST.FOLD_BATCHNORM,
+    }
+
+
+# ------------------------------------------------------------------------------ inputs
+def synthetic_batch(
+    batch_size: int, height: int, width: int, num_classes: int, seed: int, with_targets: bool
+) -> List[Dict]:
+    """Detectron2 inputs of a fixed size: noise images (DETR's cost does not depend on pixel
+    values) and, for training, 1-6 random boxes per image."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(batch_size):
+        item = {
+            "image": torch.randint(0, 256, (3, height, width), generator=generator, dtype=torch.uint8),
+            "height": height,
+            "width": width,
+        }
+        if with_targets:
+            count = int(torch.randint(1, 7, (1,), generator=generator))
+            xy = torch.rand(count, 2, generator=generator) * torch.tensor([width * 0.7, height * 0.7])
+            wh = (0.05 + 0.25 * torch.rand(count, 2, generator=generator)) * torch.tensor([width, height])
+            instances = Instances((height, width))
+            instances.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
+            instances.gt_classes = torch.randint(0, num_classes, (count,), generator=generator)
+            item["instances"] = instances
+        batch.append(item)
+    return batch
+
+
+def dataset_dicts(cfg: CfgNode, names: Tuple[str, ...], what: str) -> List[Dict]:
+    missing = [n for n in names if n not in DatasetCatalog.list()]
+    if not names or missing:
+        raise ValueError(
+            f"--input dataset needs registered datasets in {what}, got {list(names)} "
+            f"(unregistered: {missing}); register them (DATASETS.REGISTER_COCO) or use "
+            "--input synthetic."
+        )
+    return get_detection_dataset_dicts(list(names), filter_empty=False)
+
+
+def dataset_batches(cfg: CfgNode, is_train: bool, batch_size: int, count: int) -> List[List[Dict]]:
+    """``count`` batches of mapped images of the config's train (augmented) or test datasets."""
+    names = cfg.DATASETS.TRAIN if is_train else cfg.DATASETS.TEST
+    dicts = dataset_dicts(cfg, names, "DATASETS.TRAIN" if is_train else "DATASETS.TEST")
+    if is_train:
+        dicts = drop_degenerate_boxes(dicts, ", ".join(names))
+    mapper = DetrDatasetMapper(cfg, is_train=is_train)
+    stream = itertools.cycle(dicts)
+    return [[mapper(next(stream)) for _ in range(batch_size)] for _ in range(count)]
+
+
+# ------------------------------------------------------------------------------ tasks
+def benchmark_inference(cfg: CfgNode, model: torch.nn.Module, batches: List[List[Dict]], warmup: int, iters: int) -> Dict:
+    """Images per second through ``model`` in eval mode, post-processing included."""
+    model.eval()
+    device = torch.device(cfg.MODEL.DEVICE)
+    calls = itertools.cycle(batches)
+
+    def run():
+        with torch.no_grad():
+            model(next(calls))
+
+    times = time_calls(run, warmup, iters, device, "inference")
+    return summarize_times(times, len(batches[0]), "images")
+
+
+def benchmark_train(cfg: CfgNode, model: torch.nn.Module, batches: List[List[Dict]], warmup: int, iters: int) -> Dict:
+    """Seconds per training iteration through the trainer's own ``run_step`` (forward, matching,
+    losses, backward, clipping, optimizer step), on pre-loaded batches: data loading is timed
+    separately by the ``data`` task."""
+    from .engine import build_step_trainer
+    from .solver import build_detr_optimizer
+
+    model.train()
+    device = torch.device(cfg.MODEL.DEVICE)
+    optimizer = build_detr_optimizer(cfg, model)
+    step_trainer = build_step_trainer(cfg, model, itertools.cycle(batches), optimizer)
+    with EventStorage(0) as storage:
+
+        def run():
+            step_trainer.run_step()
+            step_trainer.iter += 1
+            storage.iter += 1
+
+        times = time_calls(run, warmup, iters, device, "train step")
+        losses = storage.history("total_loss").values() if "total_loss" in storage.histories() else []
+    record = summarize_times(times, len(batches[0]), "images")
+    record["total_loss_first_last"] = [losses[0][0], losses[-1][0]] if losses else None
+    return record
+
+
+def benchmark_data(cfg: CfgNode, warmup: int, iters: int, loader_batches: int) -> Dict:
+    """Training images per second of the dataset mapper in one process (= one loader worker),
+    and of Detectron2's loader with ``DATALOADER.NUM_WORKERS`` workers."""
+    from .engine import DetrTrainer
+
+    names = cfg.DATASETS.TRAIN
+    dicts = drop_degenerate_boxes(dataset_dicts(cfg, names, "DATASETS.TRAIN"), ", ".join(names))
+    mapper = DetrDatasetMapper(cfg, is_train=True)
+    stream = itertools.cycle(dicts)
+    times = time_calls(lambda: mapper(next(stream)), warmup, iters, torch.device("cpu"), "mapper")
+    record = {"mapper_one_worker": summarize_times(times, 1, "images")}
+
+    loader = iter(DetrTrainer.build_train_loader(cfg))
+    next(loader)  # worker start-up is not throughput
+    start = time.perf_counter()
+    for _ in tqdm(range(loader_batches), desc="loader", leave=False, disable=None):
+        next(loader)
+    seconds = time.perf_counter() - start
+    record["loader"] = {
+        "num_workers": cfg.DATALOADER.NUM_WORKERS,
+        "batches": loader_batches,
+        "images_per_second": loader_batches * cfg.SOLVER.IMS_PER_BATCH / seconds,
+    }
+    return record
+
+
+def benchmark_eval(cfg: CfgNode, model: torch.nn.Module, warmup: int, iters: int, output_dir: str) -> Dict:
+    """Seconds of one evaluation of ``DATASETS.TEST[0]`` (``process`` of every image +
+    ``evaluate``) on predictions computed once beforehand: the evaluator's own cost."""
+    from .engine import DetrTrainer
+
+    name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
+    dicts = dataset_dicts(cfg, (name,) if name else (), "DATASETS.TEST")
+    mapper = DetrDatasetMapper(cfg, is_train=False)
+    model.eval()
+    pairs = []
+    with torch.no_grad():
+        for d in tqdm(dicts, desc="predictions", leave=False, disable=None):
+            inputs = [mapper(d)]
+            pairs.append((inputs, model(inputs)))
+    evaluator = DetrTrainer.build_evaluator(cfg, name, output_folder=output_dir)
+    results = {}
+
+    def run():
+        evaluator.reset()
+        for inputs, outputs in pairs:
+            evaluator.process(inputs, outputs)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its summary
+            results.update(evaluator.evaluate())
+
+    times = time_calls(run, warmup, iters, torch.device("cpu"), "evaluation")
+    record = summarize_times(times, len(pairs), "images")
+    record["images"] = len(pairs)
+    record["results"] = {task: {k: v for k, v in m.items() if "-" not in k} for task, m in results.items()}
+    return record
+
+
+def run_benchmark(
+    cfg: CfgNode,
+    task: str,
+    *,
+    build_model: Callable[[CfgNode], torch.nn.Module],
+    input_source: str = "synthetic",
+    batch_size: Optional[int] = None,
+    image_size: Optional[Tuple[int, int]] = None,
+    warmup: int = 2,
+    iters: int = 10,
+    loader_batches: int = 20,
+    output_dir: str = "output/benchmark",
+) -> Dict:
+    """One benchmark record (a JSON-able dict) of ``task`` for the model and data of ``cfg``."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown benchmark task {task!r}; choose from {TASKS}.")
+    device = torch.device(cfg.MODEL.DEVICE)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    record = {"task": task, **environment_record(cfg), "input": input_source}
+    if task == "data":
+        record.update(benchmark_data(cfg, warmup, iters, loader_batches))
+        record.update(memory_record(device))
+        return record
+
+    is_train = task == "train"
+    if task == "eval":
+        record["input"] = "dataset"
+        record.update(benchmark_eval(cfg, build_model(cfg), warmup, iters, output_dir))
+        record.update(memory_record(device))
+        return record
+
+    batch_size = batch_size or (cfg.SOLVER.IMS_PER_BATCH if is_train else 1)
+    if input_source == "synthetic":
+        if image_size is None:
+            image_size = (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+        batches = [
+            synthetic_batch(batch_size, *image_size, cfg.MODEL.DETR.NUM_CLASSES, seed=i, with_targets=is_train)
+            for i in range(4)
+        ]
+    elif input_source == "dataset":
+        batches = dataset_batches(cfg, is_train, batch_size, count=4)
+    else:
+        raise ValueError(f"--input must be 'synthetic' or 'dataset', got {input_source!r}.")
+    sizes = [tuple(x["image"].shape[-2:]) for batch in batches for x in batch]
+    record.update(
+        batch_size=batch_size,
+        image_size=list(image_size) if image_size else None,
+        mean_image_hw=[float(np.mean([s[0] for s in sizes])), float(np.mean([s[1] for s in sizes]))],
+    )
+    model = build_model(cfg)
+    run = benchmark_train if is_train else benchmark_inference
+    record.update(run(cfg, model, batches, warmup, iters))
+    record.update(memory_record(device))
+    return record

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Measure DETR's speed and memory: inference, training steps, data loading, evaluation.
+
+    python tools/benchmark.py --config-file configs/detr_r50.yaml --task inference
+    python tools/benchmark.py --config-file configs/detr_r50.yaml --task inference \
+        --precision bf16 TEST.FOLD_BATCHNORM True MODEL.DETR.CHANNELS_LAST True
+    python tools/benchmark.py --config-file configs/detr_face_sample.yaml --task train \
+        --input dataset --precision bf16
+    python tools/benchmark.py --config-file configs/detr_face_sample.yaml --task data
+    python tools/benchmark.py --config-file configs/detr_face_sample.yaml --task eval \
+        MODEL.WEIGHTS output/detr_face_sample/model_final.pth
+
+Tasks: ``inference`` (images/s through the model in eval mode, post-processing included),
+``train`` (s/iteration of the trainer's own step: forward, matching, losses, backward, optimizer),
+``data`` (training images/s of the dataset mapper in one process, and of the loader with
+``DATALOADER.NUM_WORKERS``), ``eval`` (s per evaluation of ``DATASETS.TEST[0]`` on predictions
+computed beforehand). Each timing is the median over ``--iters`` runs after ``--warmup`` runs,
+with quartiles and extremes. ``--input synthetic`` (default for inference/train) feeds noise
+images of ``--image-size`` (default ``INPUT.MIN_SIZE_TEST`` x ``INPUT.MAX_SIZE_TEST``, the
+largest test image) with random boxes; ``--input dataset`` uses the config's datasets through
+DETR's mapper. The record (printed, and written to ``--output``, default
+``OUTPUT_DIR/benchmark_<task>.json``) names the device, threads, precision and versions.
+Arguments after the options are config overrides (``KEY VALUE`` pairs).
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import List, Optional
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+
+from detr_d2 import add_detr_config
+from detr_d2.benchmark import TASKS, run_benchmark
+from detr_d2.data import register_datasets_from_cfg
+from detr_d2.engine import build_checkpointer, resolve_device
+
+logger = logging.getLogger("detr_d2.benchmark")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config-file", required=True, help="a detr_d2 YAML config")
+    parser.add_argument("--task", choices=TASKS, required=True)
+    parser.add_argument("--weights", help="checkpoint to load (MODEL.WEIGHTS); default: random init")
+    parser.add_argument("--input", choices=("synthetic", "dataset"), default="synthetic",
+                        help="inference/train inputs (data/eval always use the datasets)")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                        help="synthetic input size (default: MIN_SIZE_TEST MAX_SIZE_TEST)")
+    parser.add_argument("--batch-size", type=int,
+                        help="images per call (default: 1 for inference, SOLVER.IMS_PER_BATCH for train)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                        help="sets TEST.PRECISION (inference) or SOLVER.AMP (train)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    parser.add_argument("--iters", type=int, default=10, help="timed runs (default 10)")
+    parser.add_argument("--loader-batches", type=int, default=20,
+                        help="data task: batches drawn from the loader (default 20)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--label", default="", help="free text stored in the record")
+    parser.add_argument("--output", help="JSON file (default OUTPUT_DIR/benchmark_<task>.json)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    return parser.parse_args(argv)
+
+
+def setup(args: argparse.Namespace):
+    cfg = get_cfg()
+    add_detr_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if args.weights:
+        cfg.MODEL.WEIGHTS = args.weights
+    if args.precision:
+        if args.task == "train":
+            cfg.SOLVER.AMP.ENABLED = args.precision != "fp32"
+            cfg.SOLVER.AMP.PRECISION = args.precision
+        else:
+            cfg.TEST.PRECISION = args.precision
+    resolve_device(cfg)
+    cfg.freeze()
+    register_datasets_from_cfg(cfg)
+    return cfg
+
+
+def load_model(cfg) -> torch.nn.Module:
+    model = build_model(cfg)
+    if cfg.MODEL.WEIGHTS:
+        build_checkpointer(cfg, model).load(cfg.MODEL.WEIGHTS)
+    return model
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = parse_args(argv)
+    setup_logger(name="detr_d2")
+    setup_logger(name="detectron2", abbrev_name="d2")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = setup(args)
+    output = args.output or os.path.join(cfg.OUTPUT_DIR, f"benchmark_{args.task}.json")
+    record = run_benchmark(
+        cfg,
+        args.task,
+        build_model=load_model,
+        input_source=args.input,
+        batch_size=args.batch_size,
+        image_size=tuple(args.image_size) if args.image_size else None,
+        warmup=args.warmup,
+        iters=args.iters,
+        loader_batches=args.loader_batches,
+        output_dir=os.path.join(os.path.dirname(os.path.abspath(output)), "benchmark_eval"),
+    )
+    record.update(config_file=args.config_file, opts=args.opts, label=args.label, command=sys.argv)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(record, f, indent=2)
+    print(json.dumps(record, indent=2))
+    logger.info(f"Benchmark record written to {output}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
