@@ -29,6 +29,7 @@ from detectron2.utils.events import EventStorage
 from tqdm import tqdm
 
 from .data import DetrDatasetMapper, drop_degenerate_boxes
+from .modeling.fusion import inference_model
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +305,8 @@ def run_benchmark(
     is_train = task == "train"
     if task == "eval":
         record["input"] = "dataset"
-        record.update(benchmark_eval(cfg, build_model(cfg), warmup, iters, output_dir))
+        model = inference_model(build_model(cfg).eval(), cfg)
+        record.update(benchmark_eval(cfg, model, warmup, iters, output_dir))
         record.update(memory_record(device))
         return record
 
@@ -327,6 +329,8 @@ def run_benchmark(
         mean_image_hw=[float(np.mean([s[0] for s in sizes])), float(np.mean([s[1] for s in sizes]))],
     )
     model = build_model(cfg)
+    if not is_train:
+        model = inference_model(model.eval(), cfg)
     run = benchmark_train if is_train else benchmark_inference
     record.update(run(cfg, model, batches, warmup, iters))
     record.update(memory_record(device))

@@ -79,6 +79,9 @@ def add_detr_config(cfg: CN) -> None:
     # Optimizer: "ADAMW" (official) or "SGD" (Detectron2's default).
     cfg.SOLVER.OPTIMIZER = "ADAMW"
 
+    # COCOeval of box/mask AP: "faster_coco_eval", "pycocotools", "auto" (the first if installed).
+    cfg.TEST.COCO_EVAL_BACKEND = "auto"
+
     # COCO-format datasets to register before training, as [[name, json_file, image_root], ...];
     # name them in DATASETS.TRAIN / DATASETS.TEST. Relative paths are relative to the working dir.
     cfg.DATASETS.REGISTER_COCO = []

@@ -3,24 +3,20 @@ import logging
 import os
 import time
 import weakref
-from typing import Callable, Dict, List
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import (
-    COCOEvaluator,
-    COCOPanopticEvaluator,
-    DatasetEvaluator,
-    DatasetEvaluators,
-)
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 
 from .checkpoint import DetrCheckpointer
 from .data import DetrDatasetMapper, coco_class_rows, drop_degenerate_boxes
+from .evaluation import EVALUATORS, coco_evaluators
 from .model_report import log_model_report
+from .modeling.fusion import inference_model
 from .precision import precision_dtype
 from .data.resumable import ResumableTrainingSampler, SeededMapDataset, rng_state, set_rng_state
 from .solver import build_detr_optimizer
@@ -163,6 +159,12 @@ class DetrTrainer(DefaultTrainer):
             self.data_sampler.seed = state["data_seed"]
 
     @classmethod
+    def test(cls, cfg: CfgNode, model, evaluators=None):
+        """Detectron2's evaluation loop on the inference model (``TEST.FOLD_BATCHNORM``: a copy
+        with batch norms folded; the training model is untouched)."""
+        return super().test(cfg, inference_model(model, cfg), evaluators)
+
+    @classmethod
     def build_optimizer(cls, cfg: CfgNode, model) -> torch.optim.Optimizer:
         return build_detr_optimizer(cfg, model)
 
@@ -202,49 +204,3 @@ class DetrTrainer(DefaultTrainer):
                 f"PANOPTIC_ON and/or MODEL.DETR.TEST.INSTANCE_ON True, or DATASETS.TEST ()."
             )
         return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
-
-
-def coco_evaluators(cfg: CfgNode, dataset_name: str, output_folder: str) -> List[DatasetEvaluator]:
-    """COCO box AP, and mask AP when the model predicts masks (``MODEL.MASK_ON``)."""
-    # the pure-Python COCOeval: Detectron2's fast C++ variant needs its compiled _C module
-    return [COCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)]
-
-
-def coco_panoptic_evaluators(
-    cfg: CfgNode, dataset_name: str, output_folder: str
-) -> List[DatasetEvaluator]:
-    """PQ (panopticapi) with ``MODEL.DETR.TEST.PANOPTIC_ON``; box and mask AP of the things with
-    ``MODEL.DETR.TEST.INSTANCE_ON``, against the dataset's instances json."""
-    evaluators: List[DatasetEvaluator] = []
-    if cfg.MODEL.DETR.TEST.PANOPTIC_ON:
-        evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
-    if cfg.MODEL.DETR.TEST.INSTANCE_ON:
-        if not MetadataCatalog.get(dataset_name).get("json_file"):
-            raise ValueError(
-                f"MODEL.DETR.TEST.INSTANCE_ON evaluates box/mask AP, which needs an instances json "
-                f"for {dataset_name!r}: give it as the fifth entry of its "
-                "DATASETS.REGISTER_COCO_PANOPTIC row, or set MODEL.DETR.TEST.INSTANCE_ON False."
-            )
-        # the pure-Python COCOeval: Detectron2's fast C++ variant needs its compiled _C module
-        evaluators.append(
-            _ThingCOCOEvaluator(dataset_name, output_dir=output_folder, use_fast_impl=False)
-        )
-    return evaluators
-
-
-class _ThingCOCOEvaluator(COCOEvaluator):
-    """``COCOEvaluator`` whose per-category table is labelled with the thing classes only:
-    Detectron2's standard COCO panoptic metadata lists all 133 classes in ``thing_classes``."""
-
-    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
-        if class_names is not None:
-            thing_ids = sorted(self._metadata.thing_dataset_id_to_contiguous_id.values())
-            class_names = [class_names[i] for i in thing_ids]
-        return super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
-
-
-# Dataset metadata ``evaluator_type`` -> evaluators of that kind of dataset (default: COCO).
-EVALUATORS: Dict[str, Callable[[CfgNode, str, str], List[DatasetEvaluator]]] = {
-    "coco": coco_evaluators,
-    "coco_panoptic_seg": coco_panoptic_evaluators,
-}

@@ -1,5 +1,5 @@
 """End to end through tools/train_net.py on generated sample faces: train a few iterations,
-checkpoint, resume, evaluate with Detectron2's COCOEvaluator (pycocotools)."""
+checkpoint, resume, evaluate with Detectron2's COCOEvaluator (TEST.COCO_EVAL_BACKEND "auto")."""
 import json
 import subprocess
 import sys

@@ -45,6 +45,7 @@ from detr_d2 import add_detr_config
 from detr_d2.data import register_datasets_from_cfg
 from detr_d2.data.augmentation import build_detr_augmentation
 from detr_d2.engine import build_checkpointer, resolve_device
+from detr_d2.modeling.fusion import inference_model
 
 logger = logging.getLogger("detr_d2.predict")
 
@@ -174,6 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     panoptic = args.mode == "panoptic" or (args.mode == "auto" and cfg.MODEL.DETR.TEST.PANOPTIC_ON)
     model = build_model(cfg).eval()
     build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    model = inference_model(model, cfg)
     augmentation = T.AugmentationList(build_detr_augmentation(cfg, is_train=False))
     metadata = class_metadata(cfg, args.dataset)
     paths = collect_images(args.input)

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..checkpoint import convert_official_state_dict, is_official_detr_state_dict
 from ..data.panoptic import thing_ids_from_cfg
+from ..precision import autocast, precision_dtype, to_float32
 from .box_ops import box_xyxy_to_cxcywh
 from .criterion import SetCriterion, build_weight_dict
 from .matcher import HungarianMatcher
@@ -91,6 +92,9 @@ class Detr(nn.Module):
         thing_ids: Optional[Sequence[int]] = None,
         panoptic_threshold: float = 0.85,
         mask_threshold: float = 0.5,
+        # speed
+        test_precision: torch.dtype = torch.float32,
+        channels_last: bool = False,
     ):
         """
         Args:
@@ -114,6 +118,8 @@ class Detr(nn.Module):
                 are restricted to them, and panoptic segments of other classes are stuff.
             panoptic_threshold: class probability a query needs to enter the panoptic output.
             mask_threshold: probability threshold of the binary instance masks.
+            test_precision: dtype of the network in inference (autocast; fp32 post-processing).
+            channels_last: backbone weights and inputs in channels-last (NHWC) memory format.
         """
         super().__init__()
         if in_feature not in backbone.output_shape():
@@ -167,6 +173,10 @@ class Detr(nn.Module):
         self.thing_ids = None if thing_ids is None else tuple(int(i) for i in thing_ids)
         self.panoptic_threshold = panoptic_threshold
         self.mask_threshold = mask_threshold
+        self.test_precision = test_precision
+        self.channels_last = channels_last
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
 
     def _freeze_detection(self) -> None:
         """Official stage 2 (``--frozen_weights``): only ``bbox_attention`` and ``mask_head``
@@ -231,6 +241,10 @@ class Detr(nn.Module):
             "thing_ids": thing_ids_from_cfg(cfg),
             "panoptic_threshold": detr.TEST.PANOPTIC_THRESHOLD,
             "mask_threshold": detr.TEST.MASK_THRESHOLD,
+            "test_precision": precision_dtype(
+                cfg.TEST.PRECISION, "TEST.PRECISION", torch.device(cfg.MODEL.DEVICE).type
+            ),
+            "channels_last": detr.CHANNELS_LAST,
         }
 
     @property
@@ -275,17 +289,24 @@ class Detr(nn.Module):
         )  # [N, H, W]
         return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
 
-    def forward_heads(self, images: ImageList) -> Dict:
+    def forward_heads(self, images: ImageList, with_aux: bool = True) -> Dict:
         """Raw head outputs: ``pred_logits [N, Q, K+1]``, ``pred_boxes [N, Q, 4]`` (sigmoid
         cxcywh relative to each unpadded image), with ``mask_on`` ``pred_masks [N, Q, H4, W4]``
-        (mask logits on the padded batch's grid) and, with deep supervision, ``aux_outputs``:
-        L-1 dicts with ``pred_logits`` and ``pred_boxes`` for the earlier decoder layers."""
-        features = self.backbone(images.tensor)
+        (mask logits on the padded batch's grid) and, with deep supervision and ``with_aux``,
+        ``aux_outputs``: L-1 dicts with ``pred_logits`` and ``pred_boxes`` for the earlier
+        decoder layers (inference skips them)."""
+        pixels = images.tensor
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(pixels)
         feature = features[self.in_feature]
         mask = self.padding_mask(images, feature.shape[-2:])
         pos = self.position_embedding(mask).to(feature.dtype)
         projected = self.input_proj(feature)
         hs, memory = self.transformer(projected, mask, self.query_embed.weight, pos)
+        with_aux = with_aux and self.aux_loss
+        if not with_aux:
+            hs = hs[-1:]
         logits = self.class_embed(hs)  # [L, N, Q, K+1]
         boxes = self.bbox_embed(hs).sigmoid()  # [L, N, Q, 4]
         outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
@@ -294,7 +315,7 @@ class Detr(nn.Module):
             attention = self.bbox_attention(hs[-1], memory, mask)  # [N, Q, M, H, W]
             fpn = [features[f] for f in MASK_HEAD_IN_FEATURES]
             outputs["pred_masks"] = self.mask_head(projected, attention, fpn)
-        if self.aux_loss:
+        if with_aux:
             outputs["aux_outputs"] = [
                 {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
             ]
@@ -315,7 +336,15 @@ class Detr(nn.Module):
         images = self.preprocess_image(batched_inputs)
         outputs = self.forward_heads(images)
         targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
-        return self.criterion(outputs, targets)
+        # matching and losses in fp32 even when the trainer runs the network under autocast
+        with torch.autocast(self.device.type, enabled=False):
+            return self.criterion(to_float32(outputs), targets)
+
+    def _test_heads(self, images: ImageList, with_aux: bool) -> Dict:
+        """``forward_heads`` in ``test_precision``, outputs in fp32 for post-processing."""
+        with autocast(self.device.type, self.test_precision):
+            outputs = self.forward_heads(images, with_aux=with_aux)
+        return to_float32(outputs)
 
     def prepare_targets(
         self, batched_inputs: List[Dict], padded_size: Optional[Tuple[int, int]] = None
@@ -361,7 +390,7 @@ class Detr(nn.Module):
         ``pred_logits``, ``pred_boxes``, ``aux_outputs`` and, with ``mask_on``, ``pred_masks``
         as in :meth:`forward_heads`."""
         assert not self.training, "predict_raw() runs the model in eval mode; call model.eval()"
-        return self.forward_heads(self.preprocess_image(batched_inputs))
+        return self._test_heads(self.preprocess_image(batched_inputs), with_aux=True)
 
     def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
         """
@@ -375,7 +404,7 @@ class Detr(nn.Module):
         """
         assert not self.training, "inference() runs in eval mode"
         images = self.preprocess_image(batched_inputs)
-        outputs = self.forward_heads(images)
+        outputs = self._test_heads(images, with_aux=False)
         if not do_postprocess:
             return self._instances(outputs, images, images.image_sizes)
         sizes = [

@@ -1,0 +1,155 @@
+"""Evaluators for each dataset ``evaluator_type`` (``EVALUATORS``), and the COCOeval backend
+they compute box and mask AP with (``TEST.COCO_EVAL_BACKEND``)."""
+
+import functools
+import importlib.metadata
+import logging
+import types
+from typing import Callable, Dict, List
+
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import (
+    COCOEvaluator,
+    COCOPanopticEvaluator,
+    DatasetEvaluator,
+    coco_evaluation,
+)
+from detectron2.utils.logger import log_first_n
+
+logger = logging.getLogger(__name__)
+
+COCO_EVAL_BACKENDS = ("auto", "faster_coco_eval", "pycocotools")
+
+
+def cocoeval_class(cfg: CfgNode) -> type:
+    """The COCOeval class that ``TEST.COCO_EVAL_BACKEND`` selects: faster-coco-eval's C++
+    ``COCOeval_faster`` (pycocotools' numbers, several times faster, as
+    tests/test_coco_eval_backend.py checks) or pycocotools' reference ``COCOeval``. "auto" takes
+    the first one when it is installed."""
+    backend = cfg.TEST.COCO_EVAL_BACKEND
+    if backend not in COCO_EVAL_BACKENDS:
+        raise ValueError(
+            f"TEST.COCO_EVAL_BACKEND={backend!r} is not a COCO evaluation backend; "
+            f"choose one of {', '.join(map(repr, COCO_EVAL_BACKENDS))}."
+        )
+    cocoeval, reason = None, ""
+    if backend != "pycocotools":
+        try:
+            from faster_coco_eval import COCOeval_faster as cocoeval
+        except ImportError as e:  # optional dependency: "auto" falls back to pycocotools
+            if backend == "faster_coco_eval":
+                raise ImportError(
+                    f"TEST.COCO_EVAL_BACKEND='faster_coco_eval' but faster-coco-eval cannot be "
+                    f"imported ({e}). Install it with `pip install faster-coco-eval` (the version "
+                    "pinned in d2/requirements.txt), or set TEST.COCO_EVAL_BACKEND 'auto' or "
+                    "'pycocotools'."
+                ) from e
+            reason = f"; faster-coco-eval is not importable ({e})"
+    if cocoeval is None:
+        from pycocotools.cocoeval import COCOeval as cocoeval
+    name = cocoeval.__module__.split(".")[0]
+    log_first_n(
+        logging.INFO,
+        f"COCO evaluation with {name} {_installed_version(name)} "
+        f"(TEST.COCO_EVAL_BACKEND={backend!r}{reason}).",
+        name=logger.name,
+        key="message",
+    )
+    return cocoeval
+
+
+def _installed_version(distribution: str) -> str:
+    """The version to log, so that logged AP values can be traced to the code that computed them."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:  # importable from a source tree, unversioned
+        return "(version unknown)"
+
+
+@functools.lru_cache(maxsize=None)
+def _eval_predictions_with(cocoeval: type) -> Callable:
+    """Detectron2's ``COCOEvaluator._eval_predictions`` run as it is, except that its global names
+    ``COCOeval`` and ``COCOeval_opt`` (the classes it passes to ``_evaluate_predictions_on_coco``)
+    are ``cocoeval``: the function gets its own copy of the module globals, so Detectron2's module
+    and every other evaluator keep pycocotools."""
+    method = COCOEvaluator._eval_predictions
+    names = method.__code__.co_names
+    if "COCOeval" not in names or "COCOeval_opt" not in names:
+        raise RuntimeError(
+            "This Detectron2's COCOEvaluator._eval_predictions no longer picks its COCOeval class "
+            "from the module names COCOeval/COCOeval_opt, so TEST.COCO_EVAL_BACKEND cannot be "
+            "applied: set it 'pycocotools' and update detr_d2/evaluation.py."
+        )
+    function_globals = {**method.__globals__, "COCOeval": cocoeval, "COCOeval_opt": cocoeval}
+    function = types.FunctionType(
+        method.__code__, function_globals, method.__name__, method.__defaults__, method.__closure__
+    )
+    return functools.update_wrapper(function, method)
+
+
+class BackendCOCOEvaluator(COCOEvaluator):
+    """Detectron2's ``COCOEvaluator`` (box and mask AP, per-category AP) computed with the given
+    COCOeval class (see :func:`cocoeval_class`) instead of the pycocotools one Detectron2 imports.
+
+    ``max_dets_per_image`` other than 100 makes Detectron2 evaluate with its own pycocotools
+    subclass whatever the backend; DETR predicts at most 100 boxes (the COCO default)."""
+
+    def __init__(self, dataset_name: str, *, cocoeval: type, **kwargs):
+        # use_fast_impl=False: Detectron2's own fast COCOeval needs its compiled _C module
+        super().__init__(dataset_name, use_fast_impl=False, **kwargs)
+        self._cocoeval = cocoeval
+        # Detectron2 logs "official" or "unofficial" COCO API from this flag
+        self._use_fast_impl = cocoeval is not coco_evaluation.COCOeval
+
+    def _eval_predictions(self, predictions, img_ids=None):
+        if self._cocoeval is coco_evaluation.COCOeval:  # pycocotools: Detectron2's code as it is
+            return super()._eval_predictions(predictions, img_ids=img_ids)
+        return _eval_predictions_with(self._cocoeval)(self, predictions, img_ids=img_ids)
+
+
+class _ThingCOCOEvaluator(BackendCOCOEvaluator):
+    """``BackendCOCOEvaluator`` whose per-category table is labelled with the thing classes only:
+    Detectron2's standard COCO panoptic metadata lists all 133 classes in ``thing_classes``."""
+
+    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
+        if class_names is not None:
+            thing_ids = sorted(self._metadata.thing_dataset_id_to_contiguous_id.values())
+            class_names = [class_names[i] for i in thing_ids]
+        return super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
+
+
+def coco_evaluators(cfg: CfgNode, dataset_name: str, output_folder: str) -> List[DatasetEvaluator]:
+    """COCO box AP, and mask AP when the model predicts masks (``MODEL.MASK_ON``)."""
+    return [
+        BackendCOCOEvaluator(dataset_name, output_dir=output_folder, cocoeval=cocoeval_class(cfg))
+    ]
+
+
+def coco_panoptic_evaluators(
+    cfg: CfgNode, dataset_name: str, output_folder: str
+) -> List[DatasetEvaluator]:
+    """PQ (panopticapi) with ``MODEL.DETR.TEST.PANOPTIC_ON``; box and mask AP of the things with
+    ``MODEL.DETR.TEST.INSTANCE_ON``, against the dataset's instances json."""
+    evaluators: List[DatasetEvaluator] = []
+    if cfg.MODEL.DETR.TEST.PANOPTIC_ON:
+        evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+    if cfg.MODEL.DETR.TEST.INSTANCE_ON:
+        if not MetadataCatalog.get(dataset_name).get("json_file"):
+            raise ValueError(
+                f"MODEL.DETR.TEST.INSTANCE_ON evaluates box/mask AP, which needs an instances json "
+                f"for {dataset_name!r}: give it as the fifth entry of its "
+                "DATASETS.REGISTER_COCO_PANOPTIC row, or set MODEL.DETR.TEST.INSTANCE_ON False."
+            )
+        cocoeval = cocoeval_class(cfg)
+        evaluators.append(
+            _ThingCOCOEvaluator(dataset_name, output_dir=output_folder, cocoeval=cocoeval)
+        )
+    return evaluators
+
+
+# Dataset metadata ``evaluator_type`` -> evaluators of that kind of dataset (default: COCO).
+EVALUATORS: Dict[str, Callable[[CfgNode, str, str], List[DatasetEvaluator]]] = {
+    "coco": coco_evaluators,
+    "coco_panoptic_seg": coco_panoptic_evaluators,
+}
