@@ -29,7 +29,7 @@ from detectron2.utils.events import EventStorage
 from tqdm import tqdm
 
 from .data import DetrDatasetMapper, drop_degenerate_boxes
-from .modeling.fusion import inference_model
+from .modeling.inference_graph import inference_model
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +44,14 @@ def _synchronize(device: torch.device) -> None:
 def time_calls(
     fn: Callable[[], object], warmup: int, iters: int, device: torch.device, desc: str
 ) -> List[float]:
-    """Seconds of each of ``iters`` calls of ``fn`` after ``warmup`` untimed calls (the first
-    calls pay for allocator growth, oneDNN/cuDNN kernel selection and lazy initialisation)."""
+    """Seconds of each of ``iters`` calls of ``fn`` after ``warmup`` calls (the first calls pay
+    for allocator growth, oneDNN/cuDNN kernel selection, lazy initialisation and compilation;
+    their total is kept in ``time_calls.last_warmup_seconds``)."""
+    start = time.perf_counter()
     for _ in tqdm(range(warmup), desc=f"{desc} (warm-up)", leave=False, disable=None):
         fn()
     _synchronize(device)
+    time_calls.last_warmup_seconds = time.perf_counter() - start
     times = []
     for _ in tqdm(range(iters), desc=desc, leave=False, disable=None):
         start = time.perf_counter()
@@ -71,6 +74,7 @@ def summarize_times(times: List[float], items_per_call: int, unit: str) -> Dict:
         "spread_iqr_percent": 100.0 * float(p75 - p25) / median if median else 0.0,
         f"{unit}_per_second": items_per_call / median if median else float("inf"),
         "timed_calls": len(times),
+        "warmup_seconds": getattr(time_calls, "last_warmup_seconds", None),
     }
 
 
@@ -129,6 +133,8 @@ def environment_record(cfg: CfgNode) -> Dict:
         "train_precision": cfg.SOLVER.AMP.PRECISION if cfg.SOLVER.AMP.ENABLED else "fp32",
         "channels_last": cfg.MODEL.DETR.CHANNELS_LAST,
         "fold_batchnorm": cfg.TEST.FOLD_BATCHNORM,
+        "compile": cfg.TEST.COMPILE,
+        "coco_eval_backend": cfg.TEST.COCO_EVAL_BACKEND,
     }
 
 
@@ -223,7 +229,7 @@ def benchmark_train(cfg: CfgNode, model: torch.nn.Module, batches: List[List[Dic
 def benchmark_data(cfg: CfgNode, warmup: int, iters: int, loader_batches: int) -> Dict:
     """Training images per second of the dataset mapper in one process (= one loader worker),
     and of Detectron2's loader with ``DATALOADER.NUM_WORKERS`` workers."""
-    from .engine import DetrTrainer
+    from .engine import DetrTrainer, resolve_num_workers
 
     names = cfg.DATASETS.TRAIN
     dicts = drop_degenerate_boxes(dataset_dicts(cfg, names, "DATASETS.TRAIN"), ", ".join(names))
@@ -239,7 +245,7 @@ def benchmark_data(cfg: CfgNode, warmup: int, iters: int, loader_batches: int) -
         next(loader)
     seconds = time.perf_counter() - start
     record["loader"] = {
-        "num_workers": cfg.DATALOADER.NUM_WORKERS,
+        "num_workers": resolve_num_workers(cfg),
         "batches": loader_batches,
         "images_per_second": loader_batches * cfg.SOLVER.IMS_PER_BATCH / seconds,
     }
@@ -335,3 +341,34 @@ def run_benchmark(
     record.update(run(cfg, model, batches, warmup, iters))
     record.update(memory_record(device))
     return record
+
+
+def markdown_table(records: List[Dict]) -> str:
+    """Benchmark records side by side (one row each), as in docs/benchmarks.md."""
+    header = (
+        "| record | task | input (batch x HxW) | precision | fold BN | channels-last | threads "
+        "| median s | p25-p75 s | images/s | peak RSS MiB |"
+    )
+    rows = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in records:
+        if r["task"] == "data":
+            mapper, loader = r["mapper_one_worker"], r["loader"]
+            median, quartiles = mapper["seconds_median"], f"{mapper['seconds_p25']:.4f}-{mapper['seconds_p75']:.4f}"
+            rate = f"{mapper['images_per_second']:.1f} (1 worker); {loader['images_per_second']:.1f} (loader, {loader['num_workers']} workers)"
+            shape = "train mapper"
+        else:
+            median, quartiles = r["seconds_median"], f"{r['seconds_p25']:.3f}-{r['seconds_p75']:.3f}"
+            rate = f"{r['images_per_second']:.2f}"
+            if r["task"] == "eval":
+                shape = f"{r['images']} images ({r.get('coco_eval_backend', 'pycocotools')})"
+            else:
+                h, w = r["mean_image_hw"]
+                shape = f"{r['batch_size']} x {h:.0f}x{w:.0f} ({r['input']})"
+        precision = r["train_precision"] if r["task"] == "train" else r["test_precision"]
+        memory = r.get("peak_rss_mib", r.get("peak_gpu_allocated_mib", float("nan")))
+        rows.append(
+            f"| {r.get('label') or '-'} | {r['task']} | {shape} | {precision} | "
+            f"{'yes' if r.get('fold_batchnorm') else 'no'} | {'yes' if r.get('channels_last') else 'no'} | "
+            f"{r['torch_threads']} | {median:.4g} | {quartiles} | {rate} | {memory:.0f} |"
+        )
+    return "\n".join(rows)

@@ -68,8 +68,12 @@ def add_detr_config(cfg: CN) -> None:
     # Inference precision: "fp32", "bf16" (CPU with AVX512-BF16/AMX, Ampere+ GPUs) or "fp16"
     # (GPU only). bf16/fp16 run the network under torch.autocast; post-processing stays fp32.
     cfg.TEST.PRECISION = "fp32"
-    # Fold (frozen) batch norms into the preceding convolutions of an inference copy of the model.
-    cfg.TEST.FOLD_BATCHNORM = False
+    # Fold (frozen) batch norms into the preceding convolutions of an inference copy of the model
+    # (exact up to float rounding; the training model keeps its norms).
+    cfg.TEST.FOLD_BATCHNORM = True
+    # torch.compile the backbone and transformer of the inference copy (each new input size
+    # compiles again; measured in docs/benchmarks.md).
+    cfg.TEST.COMPILE = False
     # Mixed-precision training (SOLVER.AMP.ENABLED): "fp16" (GPU, with a gradient scaler) or
     # "bf16" (CPU or GPU, no scaler needed). Matching and losses always run in fp32.
     cfg.SOLVER.AMP.PRECISION = "fp16"

@@ -4,9 +4,12 @@ DETR runs its network under ``torch.autocast`` (bf16 on CPUs with AVX512-BF16/AM
 Ampere+ GPUs, fp16 on GPUs), while the Hungarian matching, the losses and the post-processing
 stay in fp32: matching costs and GIoU of nearly equal boxes need fp32's resolution.
 """
+import logging
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -19,7 +22,19 @@ def precision_dtype(name: str, key: str, device_type: str) -> torch.dtype:
         raise ValueError(
             f"{key}='fp16' needs a GPU: CPUs have no fast fp16 arithmetic. Use 'bf16' on CPU."
         )
+    if name == "bf16" and device_type == "cpu" and not _cpu_has_native_bf16():
+        logger.warning(
+            f"{key}='bf16' on a CPU without native bf16 (AVX512-BF16 or AMX): it is emulated "
+            "and may be slower than 'fp32'."
+        )
     return PRECISIONS[name]
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # older or oneDNN-less builds: assume not
+        return False
 
 
 def autocast(device_type: str, dtype: torch.dtype):

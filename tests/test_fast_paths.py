@@ -22,8 +22,8 @@ from conftest import (
     tiny_cfg,
 )
 from detr_d2.benchmark import synthetic_batch
-from detr_d2.engine import build_checkpointer, build_step_trainer, resolve_device
-from detr_d2.modeling.fusion import fold_batchnorm, inference_model
+from detr_d2.engine import build_checkpointer, build_step_trainer, resolve_device, resolve_num_workers
+from detr_d2.modeling.inference_graph import fold_batchnorm, inference_model
 from detr_d2.solver import build_detr_optimizer
 
 
@@ -209,7 +209,7 @@ def bench_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("task", ["inference", "train", "data", "eval"])
-def test_benchmark_tool_writes_a_complete_record(task, bench_data, tmp_path):
+def test_benchmark_tool_writes_a_complete_record(task, bench_data, tmp_path, capsys):
     data = bench_data
     benchmark = load_tool("benchmark")
     output = tmp_path / f"{task}.json"
@@ -237,3 +237,31 @@ def test_benchmark_tool_writes_a_complete_record(task, bench_data, tmp_path):
         assert record["batch_size"] > 0 and len(record["total_loss_first_last"]) == 2
     if task == "eval":
         assert record["images"] == 4 and "AP" in record["results"]["bbox"]
+    benchmark.main(["--table", str(output)])
+    table = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert table[0].startswith("| record | task") and f"| {task} |" in table[2]
+
+
+def test_num_workers_auto_by_device():
+    cfg = tiny_cfg()
+    cfg.DATALOADER.NUM_WORKERS = 3
+    assert resolve_num_workers(cfg) == 3
+    cfg.DATALOADER.NUM_WORKERS = -1
+    assert resolve_num_workers(cfg) == 1  # CPU training keeps its cores for the model
+    cfg.MODEL.DEVICE = "cuda"
+    assert 1 <= resolve_num_workers(cfg) <= 4
+
+
+def test_compiled_inference_model_matches_eager():
+    """``TEST.COMPILE`` (off by default: measured no gain on CPU, docs/benchmarks.md) compiles
+    the inference copy only and keeps its outputs."""
+    cfg = tiny_cfg()
+    cfg.TEST.COMPILE = True
+    model = build_model_no_weights(cfg).eval()
+    inputs = synthetic_batch(1, 64, 96, num_classes=3, seed=2, with_targets=False)
+    expected = model.predict_raw(inputs)
+    compiled = inference_model(model, cfg)
+    assert compiled is not model and not isinstance(model.backbone, torch._dynamo.eval_frame.OptimizedModule)
+    actual = compiled.predict_raw(inputs)
+    for key in ("pred_logits", "pred_boxes"):
+        assert (actual[key] - expected[key]).abs().max() <= 1e-4

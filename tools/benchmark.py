@@ -19,7 +19,8 @@ with quartiles and extremes. ``--input synthetic`` (default for inference/train)
 images of ``--image-size`` (default ``INPUT.MIN_SIZE_TEST`` x ``INPUT.MAX_SIZE_TEST``, the
 largest test image) with random boxes; ``--input dataset`` uses the config's datasets through
 DETR's mapper. The record (printed, and written to ``--output``, default
-``OUTPUT_DIR/benchmark_<task>.json``) names the device, threads, precision and versions.
+``OUTPUT_DIR/benchmark_<task>.json``) names the device, threads, precision and versions;
+``--table A.json B.json ...`` prints records side by side as a markdown table.
 Arguments after the options are config overrides (``KEY VALUE`` pairs).
 """
 import argparse
@@ -35,7 +36,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from detr_d2 import add_detr_config
-from detr_d2.benchmark import TASKS, run_benchmark
+from detr_d2.benchmark import TASKS, markdown_table, run_benchmark
 from detr_d2.data import register_datasets_from_cfg
 from detr_d2.engine import build_checkpointer, resolve_device
 
@@ -48,8 +49,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config-file", required=True, help="a detr_d2 YAML config")
-    parser.add_argument("--task", choices=TASKS, required=True)
+    parser.add_argument("--config-file", help="a detr_d2 YAML config")
+    parser.add_argument("--task", choices=TASKS)
+    parser.add_argument("--table", nargs="+", metavar="JSON",
+                        help="instead of measuring: print a markdown table of these records")
     parser.add_argument("--weights", help="checkpoint to load (MODEL.WEIGHTS); default: random init")
     parser.add_argument("--input", choices=("synthetic", "dataset"), default="synthetic",
                         help="inference/train inputs (data/eval always use the datasets)")
@@ -67,7 +70,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--label", default="", help="free text stored in the record")
     parser.add_argument("--output", help="JSON file (default OUTPUT_DIR/benchmark_<task>.json)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.table and not (args.config_file and args.task):
+        parser.error("--config-file and --task are required (or --table to summarise records)")
+    return args
 
 
 def setup(args: argparse.Namespace):
@@ -96,8 +102,15 @@ def load_model(cfg) -> torch.nn.Module:
     return model
 
 
-def main(argv: Optional[List[str]] = None) -> dict:
+def main(argv: Optional[List[str]] = None) -> Optional[dict]:
     args = parse_args(argv)
+    if args.table:
+        records = []
+        for path in args.table:
+            with open(path) as f:
+                records.append(json.load(f))
+        print(markdown_table(records))
+        return None
     setup_logger(name="detr_d2")
     setup_logger(name="detectron2", abbrev_name="d2")
     if args.threads:
@@ -114,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         warmup=args.warmup,
         iters=args.iters,
         loader_batches=args.loader_batches,
-        output_dir=os.path.join(os.path.dirname(os.path.abspath(output)), "benchmark_eval"),
+        output_dir=os.path.join(cfg.OUTPUT_DIR, "benchmark_eval"),
     )
     record.update(config_file=args.config_file, opts=args.opts, label=args.label, command=sys.argv)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -45,7 +45,7 @@ from detr_d2 import add_detr_config
 from detr_d2.data import register_datasets_from_cfg
 from detr_d2.data.augmentation import build_detr_augmentation
 from detr_d2.engine import build_checkpointer, resolve_device
-from detr_d2.modeling.fusion import inference_model
+from detr_d2.modeling.inference_graph import inference_model
 
 logger = logging.getLogger("detr_d2.predict")
 

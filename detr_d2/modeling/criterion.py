@@ -184,12 +184,15 @@ class SetCriterion(nn.Module):
         layers = [(outputs, "")] + [
             (aux, f"_{i}") for i, aux in enumerate(outputs.get("aux_outputs", []))
         ]
-        losses, all_indices = {}, []
-        for layer_outputs, suffix in layers:
-            indices = self.matcher(
-                layer_outputs["pred_logits"], layer_outputs["pred_boxes"], gt_classes, gt_boxes
-            )
-            all_indices.append(indices)
+        # all layers matched together: one device-to-host transfer per batch
+        all_indices = self.matcher.match_layers(
+            torch.stack([o["pred_logits"].detach() for o, _ in layers]),
+            torch.stack([o["pred_boxes"].detach() for o, _ in layers]),
+            gt_classes,
+            gt_boxes,
+        )
+        losses = {}
+        for (layer_outputs, suffix), indices in zip(layers, all_indices):
             for name in self.losses:
                 if suffix and name in self._FINAL_LAYER_ONLY:
                     continue

@@ -44,34 +44,50 @@ class HungarianMatcher(nn.Module):
             N pairs ``(pred_idx, gt_idx)`` of int64 CPU tensors of length ``min(Q, G_i)``: query
             ``pred_idx[j]`` is matched to target ``gt_idx[j]``.
         """
-        n, q = pred_logits.shape[:2]
+        return self.match_layers(pred_logits[None], pred_boxes[None], gt_classes, gt_boxes)[0]
+
+    @torch.no_grad()
+    def match_layers(
+        self,
+        pred_logits: torch.Tensor,
+        pred_boxes: torch.Tensor,
+        gt_classes: List[torch.Tensor],
+        gt_boxes: List[torch.Tensor],
+    ) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """:meth:`forward` for the outputs of L decoder layers at once: ``pred_logits``
+        [L, N, Q, K+1], ``pred_boxes`` [L, N, Q, 4]; returns L lists of N index pairs. All
+        layers and images share one cost computation and one device-to-host transfer."""
+        layers, n, q = pred_logits.shape[:3]
         sizes = [len(b) for b in gt_boxes]
         if sum(sizes) == 0:
             empty = torch.empty(0, dtype=torch.int64)
-            return [(empty, empty) for _ in range(n)]
-        # All images at once against all targets of the batch (one cost matrix, one host
-        # transfer); the cross-image blocks are discarded by the split below.
-        prob = pred_logits.flatten(0, 1).float().softmax(-1)  # [N*Q, K+1]
-        boxes = pred_boxes.flatten(0, 1).float()  # [N*Q, 4]
+            return [[(empty, empty) for _ in range(n)] for _ in range(layers)]
+        # Every layer and image against all targets of the batch (one cost matrix); the
+        # cross-image blocks are discarded by the split below.
+        prob = pred_logits.flatten(0, 2).float().softmax(-1)  # [L*N*Q, K+1]
+        boxes = pred_boxes.flatten(0, 2).float()  # [L*N*Q, 4]
         tgt_ids = torch.cat(gt_classes)
         tgt_boxes = torch.cat(gt_boxes).float()
         cost_class = -prob[:, tgt_ids]  # [N*Q, sum G]
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-        cost = cost.view(n, q, -1).cpu()
+        cost = cost.view(layers, n, q, -1).cpu()
         if not torch.isfinite(cost).all():
             bad = [name for name, t in (("pred_logits", pred_logits), ("pred_boxes", pred_boxes)) if not torch.isfinite(t).all()]
             raise FloatingPointError(
                 f"Non-finite matching cost (non-finite {bad or 'GIoU of degenerate boxes'}): the "
                 "model has diverged; lower SOLVER.BASE_LR or check the input data."
             )
+        blocks = cost.split(sizes, -1)  # image i's targets: blocks[i][layer, i] is [Q, G_i]
         indices = []
-        for i, c in enumerate(cost.split(sizes, -1)):
-            pred_idx, gt_idx = linear_sum_assignment(c[i])
-            indices.append(
-                (torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(gt_idx, dtype=torch.int64))
-            )
+        for layer in range(layers):
+            indices.append([])
+            for i, block in enumerate(blocks):
+                pred_idx, gt_idx = linear_sum_assignment(block[layer, i])
+                indices[-1].append(
+                    (torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(gt_idx, dtype=torch.int64))
+                )
         return indices
 
     def extra_repr(self) -> str:

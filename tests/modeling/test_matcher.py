@@ -22,6 +22,18 @@ def test_batched_equals_per_image():
         assert torch.equal(batched[i][0], single[0]) and torch.equal(batched[i][1], single[1])
 
 
+def test_all_layers_at_once_equal_layer_by_layer():
+    matcher = HungarianMatcher(1, 5, 2)
+    layers = [random_batch(3, 12, 4, [2, 0, 5], seed=s) for s in range(4)]
+    gt_classes, gt_boxes = layers[0][2], layers[0][3]
+    together = matcher.match_layers(
+        torch.stack([b[0] for b in layers]), torch.stack([b[1] for b in layers]), gt_classes, gt_boxes
+    )
+    for (logits, boxes, _, _), indices in zip(layers, together):
+        for (src, tgt), (ref_src, ref_tgt) in zip(indices, matcher(logits, boxes, gt_classes, gt_boxes)):
+            assert torch.equal(src, ref_src) and torch.equal(tgt, ref_tgt)
+
+
 def test_empty_targets_give_empty_matches():
     matcher = HungarianMatcher()
     logits, boxes, gt_classes, gt_boxes = random_batch(2, 10, 3, [0, 0])

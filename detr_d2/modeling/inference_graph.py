@@ -1,4 +1,5 @@
-"""Inference-only graph rewrites: batch norms folded into the convolutions before them.
+"""Inference-only graph rewrites: batch norms folded into the convolutions before them, and
+optionally ``torch.compile``.
 
 In eval mode a (frozen) batch norm is a per-channel affine map, ``y = x * s + t`` with
 ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``; folded into the convolution
@@ -43,13 +44,20 @@ def fold_batchnorm(model: nn.Module) -> int:
 
 
 def inference_model(model: nn.Module, cfg: CfgNode) -> nn.Module:
-    """The model to run inference with: ``model`` itself, or with ``TEST.FOLD_BATCHNORM`` an
-    eval-mode copy with its batch norms folded into the convolutions."""
-    if not cfg.TEST.FOLD_BATCHNORM:
+    """The model to run inference with: ``model`` itself, or an eval-mode copy with its batch
+    norms folded into the convolutions (``TEST.FOLD_BATCHNORM``) and its backbone and transformer
+    compiled by ``torch.compile`` (``TEST.COMPILE``)."""
+    if not (cfg.TEST.FOLD_BATCHNORM or cfg.TEST.COMPILE):
         return model
     if isinstance(model, DistributedDataParallel):
         model = model.module
     model = copy.deepcopy(model).eval()
-    folded = fold_batchnorm(model)
-    logger.info(f"Inference model: {folded} batch norms folded into convolutions.")
+    if cfg.TEST.FOLD_BATCHNORM:
+        folded = fold_batchnorm(model)
+        logger.info(f"Inference model: {folded} batch norms folded into convolutions.")
+    if cfg.TEST.COMPILE:
+        # the first image of each new size pays for compilation (minutes on small CPUs)
+        model.backbone = torch.compile(model.backbone)
+        model.transformer = torch.compile(model.transformer)
+        logger.info("Inference model: backbone and transformer compiled with torch.compile.")
     return model
