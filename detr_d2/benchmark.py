@@ -365,10 +365,11 @@ def markdown_table(records: List[Dict]) -> str:
                 h, w = r["mean_image_hw"]
                 shape = f"{r['batch_size']} x {h:.0f}x{w:.0f} ({r['input']})"
         precision = r["train_precision"] if r["task"] == "train" else r["test_precision"]
+        fold = "-" if r["task"] in ("train", "data") else ("yes" if r.get("fold_batchnorm") else "no")
         memory = r.get("peak_rss_mib", r.get("peak_gpu_allocated_mib", float("nan")))
         rows.append(
             f"| {r.get('label') or '-'} | {r['task']} | {shape} | {precision} | "
-            f"{'yes' if r.get('fold_batchnorm') else 'no'} | {'yes' if r.get('channels_last') else 'no'} | "
+            f"{fold} | {'yes' if r.get('channels_last') else 'no'} | "
             f"{r['torch_threads']} | {median:.4g} | {quartiles} | {rate} | {memory:.0f} |"
         )
     return "\n".join(rows)

@@ -65,8 +65,9 @@ def add_detr_config(cfg: CN) -> None:
     # Speed (docs/benchmarks.md). Backbone activations and weights in channels-last memory
     # format (NHWC), in training and inference: faster convolutions with oneDNN and cuDNN.
     cfg.MODEL.DETR.CHANNELS_LAST = False
-    # Inference precision: "fp32", "bf16" (CPU with AVX512-BF16/AMX, Ampere+ GPUs) or "fp16"
-    # (GPU only). bf16/fp16 run the network under torch.autocast; post-processing stays fp32.
+    # Inference precision: "fp32", "bf16" (CPU with AVX512-BF16/AMX, Ampere+ GPUs), "fp16"
+    # (GPU only) or "auto" (bf16 where native, else fp32 on CPU / fp16 on GPU). bf16/fp16 run
+    # the network under torch.autocast; post-processing stays fp32.
     cfg.TEST.PRECISION = "fp32"
     # Fold (frozen) batch norms into the preceding convolutions of an inference copy of the model
     # (exact up to float rounding; the training model keeps its norms).
@@ -74,8 +75,9 @@ def add_detr_config(cfg: CN) -> None:
     # torch.compile the backbone and transformer of the inference copy (each new input size
     # compiles again; measured in docs/benchmarks.md).
     cfg.TEST.COMPILE = False
-    # Mixed-precision training (SOLVER.AMP.ENABLED): "fp16" (GPU, with a gradient scaler) or
-    # "bf16" (CPU or GPU, no scaler needed). Matching and losses always run in fp32.
+    # Mixed-precision training (SOLVER.AMP.ENABLED): "fp16" (GPU, with a gradient scaler),
+    # "bf16" (CPU or GPU, no scaler needed) or "auto" (as TEST.PRECISION). Matching and losses
+    # always run in fp32.
     cfg.SOLVER.AMP.PRECISION = "fp16"
 
     # Learning-rate multiplier of the backbone (official: 1e-5 vs 1e-4 for the transformer).

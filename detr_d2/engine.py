@@ -42,7 +42,7 @@ def resolve_device(cfg: CfgNode) -> None:
 
 def resolve_num_workers(cfg: CfgNode) -> int:
     """``DATALOADER.NUM_WORKERS``, or for -1 a count by device and cores. One DETR mapper
-    worker maps ~400 small (192 px) or ~75 COCO-size (640x480) training images per second
+    worker maps ~400 small (192 px) or ~75 COCO-size (640x480) training images per second,
     several times what a CPU training step consumes, so CPU training gets one worker and keeps
     its cores for the model; a GPU process gets up to 4, leaving a core to the main process."""
     if cfg.DATALOADER.NUM_WORKERS >= 0:

@@ -15,9 +15,14 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 def precision_dtype(name: str, key: str, device_type: str) -> torch.dtype:
-    """The dtype of precision ``name`` given in config ``key``, checked against the device."""
+    """The dtype of precision ``name`` given in config ``key``, checked against the device.
+    "auto" is the fastest precision with native support: bf16 on CPUs with AVX512-BF16/AMX
+    (fp32 on others), bf16 on GPUs that have it, fp16 on older GPUs."""
+    if name == "auto":
+        name = _auto_precision(device_type)
+        logger.info(f"{key}='auto': {name} on this {device_type.upper()}.")
     if name not in PRECISIONS:
-        raise ValueError(f"{key} must be one of {list(PRECISIONS)}, got {name!r}.")
+        raise ValueError(f"{key} must be 'auto' or one of {list(PRECISIONS)}, got {name!r}.")
     if name == "fp16" and device_type == "cpu":
         raise ValueError(
             f"{key}='fp16' needs a GPU: CPUs have no fast fp16 arithmetic. Use 'bf16' on CPU."
@@ -28,6 +33,12 @@ def precision_dtype(name: str, key: str, device_type: str) -> torch.dtype:
             "and may be slower than 'fp32'."
         )
     return PRECISIONS[name]
+
+
+def _auto_precision(device_type: str) -> str:
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device_type == "cpu" and _cpu_has_native_bf16() else "fp32"
 
 
 def _cpu_has_native_bf16() -> bool:

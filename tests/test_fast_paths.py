@@ -31,7 +31,7 @@ def reference_run(variant, directory, opts):
     """Official-checkpoint model of a fixture variant, built with config ``opts`` and made
     ready for inference the way the tools do (checkpointer, then ``inference_model``)."""
     expected, manifest = load_reference(variant)
-    cfg = cfg_for_manifest(manifest["model"])
+    cfg = cfg_for_manifest(manifest["model"], masks=True)
     cfg.merge_from_list(list(opts))
     cfg.MODEL.WEIGHTS = str(make_upstream_checkpoint(manifest, expected["args"]["seed"], directory / "up.pth"))
     model = build_model_no_weights(cfg)
@@ -40,7 +40,7 @@ def reference_run(variant, directory, opts):
     return expected, model.predict_raw(reference_inputs(expected))
 
 
-@pytest.mark.parametrize("variant", ["r50", "r50_dc5"])
+@pytest.mark.parametrize("variant", ["r50", "r50_dc5", "r50_panoptic"])
 def test_folded_channels_last_fp32_keeps_parity(variant, tmp_path):
     opts = ["TEST.FOLD_BATCHNORM", "True", "MODEL.DETR.CHANNELS_LAST", "True"]
     expected, raw = reference_run(variant, tmp_path, opts)
@@ -50,6 +50,9 @@ def test_folded_channels_last_fp32_keeps_parity(variant, tmp_path):
         assert diff <= 1e-4, f"{key}: {diff:.3g}"  # the fp32 parity tolerance
     for ours, theirs in zip(raw["aux_outputs"], reference["aux_outputs"]):
         assert (ours["pred_logits"] - theirs["pred_logits"]).abs().max() <= 1e-4
+    if "pred_masks" in reference:  # the mask head reads channels-last backbone features
+        masks = raw["pred_masks"][:, : reference["pred_masks"].shape[1]]
+        assert (masks - reference["pred_masks"]).abs().max() <= 1e-3  # test_panoptic_parity's bound
 
 
 @pytest.mark.parametrize("variant", ["r50", "r50_dc5"])
@@ -150,7 +153,7 @@ def test_precision_config_errors_name_the_key():
     with pytest.raises(ValueError, match=r"TEST.PRECISION='fp16' needs a GPU"):
         build_model_no_weights(cfg)
     cfg.TEST.PRECISION = "int8"
-    with pytest.raises(ValueError, match="TEST.PRECISION must be one of"):
+    with pytest.raises(ValueError, match="TEST.PRECISION must be 'auto' or one of"):
         build_model_no_weights(cfg)
     cfg = tiny_cfg()
     cfg.SOLVER.AMP.ENABLED = True
@@ -158,6 +161,21 @@ def test_precision_config_errors_name_the_key():
     model = build_model_no_weights(cfg)
     with pytest.raises(ValueError, match=r"SOLVER.AMP.PRECISION='fp16' needs a GPU"):
         build_step_trainer(cfg, model, iter([]), build_detr_optimizer(cfg, model))
+
+
+def test_auto_precision_is_bf16_only_where_native(monkeypatch):
+    from detr_d2 import precision
+
+    monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: True)
+    assert precision.precision_dtype("auto", "TEST.PRECISION", "cpu") == torch.bfloat16
+    monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: False)
+    assert precision.precision_dtype("auto", "TEST.PRECISION", "cpu") == torch.float32
+    cfg = tiny_cfg()
+    cfg.SOLVER.AMP.ENABLED = True
+    cfg.SOLVER.AMP.PRECISION = "auto"
+    model = build_model_no_weights(cfg)
+    trainer = build_step_trainer(cfg, model, iter([]), build_detr_optimizer(cfg, model))
+    assert not hasattr(trainer, "grad_scaler")  # plain fp32 step without native bf16
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback applies only without CUDA")
