@@ -14,7 +14,7 @@ from detectron2.utils import comm
 
 from .checkpoint import DetrCheckpointer
 from .data import DetrDatasetMapper, coco_class_rows, drop_degenerate_boxes
-from .evaluation import EVALUATORS, coco_evaluators
+from .evaluation import EVALUATORS, coco_evaluators, cocoeval_class
 from .model_report import log_model_report
 from .modeling.inference_graph import inference_model
 from .precision import precision_dtype
@@ -130,6 +130,8 @@ class DetrTrainer(DefaultTrainer):
         TrainerBase.__init__(self)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
+        if cfg.DATASETS.TEST:
+            cocoeval_class(cfg)  # a misspelt TEST.COCO_EVAL_BACKEND fails now, not after training
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         ddp_kwargs = {"device_ids": None} if next(model.parameters()).device.type == "cpu" else {}

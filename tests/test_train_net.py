@@ -65,3 +65,13 @@ def test_offline_url_weights_fail_at_once(tmp_path):
     )
     assert result.returncode != 0
     assert "pass its local path instead: MODEL.WEIGHTS /path/to/detr-r50-e632da11.pth" in result.stderr
+
+
+def test_misspelt_eval_backend_fails_before_training(sample_data, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools/train_net.py"), "--config-file", str(INSTANT), *sample_data,
+         "TEST.COCO_EVAL_BACKEND", "fast", "OUTPUT_DIR", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert result.returncode != 0 and "TEST.COCO_EVAL_BACKEND='fast'" in result.stderr
+    assert "Starting training" not in result.stderr + result.stdout
