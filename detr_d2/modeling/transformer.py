@@ -207,7 +207,7 @@ class Transformer(nn.Module):
         src = src.flatten(2).permute(2, 0, 1)  # [S, N, C]
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)  # [S, N, C]
         query_embed = query_embed.unsqueeze(1).repeat(1, n, 1)  # [Q, N, C]
-        mask = mask.flatten(1) if mask.any() else None  # [N, S]; None: no padding, faster attention
+        mask = mask.flatten(1)  # [N, S]
         tgt = torch.zeros_like(query_embed)  # decoder input is zeros; queries enter as positions
         memory = self.encoder(src, mask, pos_embed)
         hs = self.decoder(tgt, memory, mask, pos_embed, query_embed)
