@@ -88,7 +88,9 @@ class _DetrAMPTrainer(_NonFiniteLossCheck, AMPTrainer):
     def __init__(self, model, data_loader, optimizer, precision: torch.dtype):
         device_type = next(model.parameters()).device.type
         scaler = torch.amp.GradScaler(device_type, enabled=precision == torch.float16)
-        super().__init__(model, data_loader, optimizer, grad_scaler=scaler, precision=precision)
+        # precision set here: Detectron2 releases before 2023 have no AMPTrainer(precision=)
+        super().__init__(model, data_loader, optimizer, grad_scaler=scaler)
+        self.precision = precision
         self.device_type = device_type
 
     def run_step(self):
