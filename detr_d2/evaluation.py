@@ -34,7 +34,19 @@ def cocoeval_class(cfg: CfgNode) -> type:
             f"choose one of {', '.join(map(repr, COCO_EVAL_BACKENDS))}."
         )
     cocoeval, reason = None, ""
-    if backend != "pycocotools":
+    if backend != "pycocotools" and not _detectron2_takes_cocoeval_class():
+        # e.g. Detectron2 v0.6 picks its COCOeval class inside _evaluate_predictions_on_coco
+        message = (
+            "this Detectron2's COCOEvaluator._eval_predictions does not pick its COCOeval class "
+            "from the module names COCOeval/COCOeval_opt"
+        )
+        if backend == "faster_coco_eval":
+            raise RuntimeError(
+                f"TEST.COCO_EVAL_BACKEND='faster_coco_eval' cannot be applied: {message}. Set it "
+                "'auto' or 'pycocotools'."
+            )
+        cocoeval, reason = coco_evaluation.COCOeval, f"; {message}"
+    elif backend != "pycocotools":
         try:
             from faster_coco_eval import COCOeval_faster as cocoeval
         except ImportError as e:  # optional dependency: "auto" falls back to pycocotools
@@ -67,6 +79,11 @@ def _installed_version(distribution: str) -> str:
         return "(version unknown)"
 
 
+def _detectron2_takes_cocoeval_class() -> bool:
+    names = COCOEvaluator._eval_predictions.__code__.co_names
+    return "COCOeval" in names and "COCOeval_opt" in names
+
+
 @functools.lru_cache(maxsize=None)
 def _eval_predictions_with(cocoeval: type) -> Callable:
     """Detectron2's ``COCOEvaluator._eval_predictions`` run as it is, except that its global names
@@ -74,8 +91,7 @@ def _eval_predictions_with(cocoeval: type) -> Callable:
     are ``cocoeval``: the function gets its own copy of the module globals, so Detectron2's module
     and every other evaluator keep pycocotools."""
     method = COCOEvaluator._eval_predictions
-    names = method.__code__.co_names
-    if "COCOeval" not in names or "COCOeval_opt" not in names:
+    if not _detectron2_takes_cocoeval_class():
         raise RuntimeError(
             "This Detectron2's COCOEvaluator._eval_predictions no longer picks its COCOeval class "
             "from the module names COCOeval/COCOeval_opt, so TEST.COCO_EVAL_BACKEND cannot be "

@@ -270,3 +270,14 @@ def test_backend_choice(monkeypatch):
     message = "TEST.COCO_EVAL_BACKEND='fast' .*'auto', 'faster_coco_eval', 'pycocotools'"
     with pytest.raises(ValueError, match=message):
         cocoeval_class(cfg)
+
+
+def test_detectron2_without_the_class_hook_falls_back(monkeypatch):
+    """Detectron2 v0.6 picks its COCOeval class elsewhere: "auto" then evaluates with
+    pycocotools instead of failing at the end of a training run; an explicit request fails early."""
+    from detr_d2 import evaluation
+
+    monkeypatch.setattr(evaluation, "_detectron2_takes_cocoeval_class", lambda: False)
+    assert cocoeval_class(make_cfg()) is coco_evaluation.COCOeval
+    with pytest.raises(RuntimeError, match="TEST.COCO_EVAL_BACKEND='faster_coco_eval' cannot be applied"):
+        cocoeval_class(make_cfg(opts=["TEST.COCO_EVAL_BACKEND", "faster_coco_eval"]))
