@@ -29,7 +29,9 @@ from detectron2.utils.events import EventStorage
 from tqdm import tqdm
 
 from .data import DetrDatasetMapper, drop_degenerate_boxes
+from .engine import DetrTrainer, build_step_trainer, resolve_num_workers
 from .modeling.inference_graph import inference_model
+from .solver import build_detr_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -164,23 +166,23 @@ def synthetic_batch(
     return batch
 
 
-def dataset_dicts(cfg: CfgNode, names: Tuple[str, ...], what: str) -> List[Dict]:
+def dataset_dicts(cfg: CfgNode, is_train: bool) -> List[Dict]:
+    """The dataset dicts of ``DATASETS.TRAIN`` (as training sees them) or ``DATASETS.TEST[0]``."""
+    names, key = (cfg.DATASETS.TRAIN, "DATASETS.TRAIN") if is_train else (cfg.DATASETS.TEST[:1], "DATASETS.TEST")
     missing = [n for n in names if n not in DatasetCatalog.list()]
     if not names or missing:
         raise ValueError(
-            f"--input dataset needs registered datasets in {what}, got {list(names)} "
-            f"(unregistered: {missing}); register them (DATASETS.REGISTER_COCO) or use "
-            "--input synthetic."
+            f"This benchmark needs registered datasets in {key}, got {list(names)} "
+            f"(unregistered: {missing}); register them (DATASETS.REGISTER_COCO), or use "
+            "--input synthetic for inference and train."
         )
-    return get_detection_dataset_dicts(list(names), filter_empty=False)
+    dicts = get_detection_dataset_dicts(list(names), filter_empty=False)
+    return drop_degenerate_boxes(dicts, ", ".join(names)) if is_train else dicts
 
 
 def dataset_batches(cfg: CfgNode, is_train: bool, batch_size: int, count: int) -> List[List[Dict]]:
     """``count`` batches of mapped images of the config's train (augmented) or test datasets."""
-    names = cfg.DATASETS.TRAIN if is_train else cfg.DATASETS.TEST
-    dicts = dataset_dicts(cfg, names, "DATASETS.TRAIN" if is_train else "DATASETS.TEST")
-    if is_train:
-        dicts = drop_degenerate_boxes(dicts, ", ".join(names))
+    dicts = dataset_dicts(cfg, is_train)
     mapper = DetrDatasetMapper(cfg, is_train=is_train)
     stream = itertools.cycle(dicts)
     return [[mapper(next(stream)) for _ in range(batch_size)] for _ in range(count)]
@@ -205,9 +207,6 @@ def benchmark_train(cfg: CfgNode, model: torch.nn.Module, batches: List[List[Dic
     """Seconds per training iteration through the trainer's own ``run_step`` (forward, matching,
     losses, backward, clipping, optimizer step), on pre-loaded batches: data loading is timed
     separately by the ``data`` task."""
-    from .engine import build_step_trainer
-    from .solver import build_detr_optimizer
-
     model.train()
     device = torch.device(cfg.MODEL.DEVICE)
     optimizer = build_detr_optimizer(cfg, model)
@@ -229,10 +228,7 @@ def benchmark_train(cfg: CfgNode, model: torch.nn.Module, batches: List[List[Dic
 def benchmark_data(cfg: CfgNode, warmup: int, iters: int, loader_batches: int) -> Dict:
     """Training images per second of the dataset mapper in one process (= one loader worker),
     and of Detectron2's loader with ``DATALOADER.NUM_WORKERS`` workers."""
-    from .engine import DetrTrainer, resolve_num_workers
-
-    names = cfg.DATASETS.TRAIN
-    dicts = drop_degenerate_boxes(dataset_dicts(cfg, names, "DATASETS.TRAIN"), ", ".join(names))
+    dicts = dataset_dicts(cfg, is_train=True)
     mapper = DetrDatasetMapper(cfg, is_train=True)
     stream = itertools.cycle(dicts)
     times = time_calls(lambda: mapper(next(stream)), warmup, iters, torch.device("cpu"), "mapper")
@@ -255,10 +251,7 @@ def benchmark_data(cfg: CfgNode, warmup: int, iters: int, loader_batches: int) -
 def benchmark_eval(cfg: CfgNode, model: torch.nn.Module, warmup: int, iters: int, output_dir: str) -> Dict:
     """Seconds of one evaluation of ``DATASETS.TEST[0]`` (``process`` of every image +
     ``evaluate``) on predictions computed once beforehand: the evaluator's own cost."""
-    from .engine import DetrTrainer
-
-    name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
-    dicts = dataset_dicts(cfg, (name,) if name else (), "DATASETS.TEST")
+    dicts = dataset_dicts(cfg, is_train=False)
     mapper = DetrDatasetMapper(cfg, is_train=False)
     model.eval()
     pairs = []
@@ -266,7 +259,7 @@ def benchmark_eval(cfg: CfgNode, model: torch.nn.Module, warmup: int, iters: int
         for d in tqdm(dicts, desc="predictions", leave=False, disable=None):
             inputs = [mapper(d)]
             pairs.append((inputs, model(inputs)))
-    evaluator = DetrTrainer.build_evaluator(cfg, name, output_folder=output_dir)
+    evaluator = DetrTrainer.build_evaluator(cfg, cfg.DATASETS.TEST[0], output_folder=output_dir)
     results = {}
 
     def run():
