@@ -23,19 +23,31 @@ def generate_splits_once(
     out_dir: Path,
     *,
     what: str,
-    params: Dict[str, Any],
-    split_sizes: Dict[str, int],
+    generator_version: int,
+    num_train: int,
+    num_val: int,
+    seed: int,
     marker_files: Sequence[str],
     remove_previous: Callable[[Path], None],
-    generate_split: Callable[[Path, str, int], Dict[str, int]],
+    generate_split: Callable[[Path, str, int, int], Dict[str, int]],
     force: bool,
 ) -> Dict[str, Any]:
-    """Run ``generate_split(out_dir, split, num_images)`` for every split, unless ``out_dir``
-    already holds a complete run (``marker_files`` present, same ``params``) and not ``force``.
+    """Run ``generate_split(out_dir, split, num_images, seed)`` for the train and val splits,
+    unless ``out_dir`` already holds a complete run (``marker_files`` present, same generator
+    version, counts and seed) and not ``force``.
 
     ``params.json`` is written last, so an interrupted run is redone next time. Returns the
     per-split counts, ``skipped`` and ``seconds``.
     """
+    if num_train < 0 or num_val < 0:
+        raise ValueError(f"image counts must be >= 0, got num_train={num_train} num_val={num_val}")
+    params = {
+        "generator_version": generator_version,
+        "num_train": int(num_train),
+        "num_val": int(num_val),
+        "seed": int(seed),
+    }
+    split_sizes = {"train": int(num_train), "val": int(num_val)}
     start = time.perf_counter()
     previous = _read_params(out_dir)
     complete = all((out_dir / name).is_file() for name in marker_files)
@@ -45,7 +57,7 @@ def generate_splits_once(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_previous(out_dir)
-    counts = {split: generate_split(out_dir, split, n) for split, n in split_sizes.items()}
+    counts = {split: generate_split(out_dir, split, n, int(seed)) for split, n in split_sizes.items()}
     with open(out_dir / PARAMS_FILE, "w") as f:
         json.dump({"params": params, "counts": counts}, f, indent=2, sort_keys=True)
         f.write("\n")

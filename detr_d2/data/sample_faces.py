@@ -422,21 +422,15 @@ def generate_face_dataset(
     unless ``force``; so scripts may call it every time. Returns the per-split counts
     (``images``, ``faces``, ``empty_images``), ``skipped`` and ``seconds``.
     """
-    if num_train < 0 or num_val < 0:
-        raise ValueError(f"image counts must be >= 0, got num_train={num_train} num_val={num_val}")
-    params = {
-        "generator_version": GENERATOR_VERSION,
-        "num_train": int(num_train),
-        "num_val": int(num_val),
-        "seed": int(seed),
-    }
     return generate_splits_once(
         Path(out_dir),
         what="sample face",
-        params=params,
-        split_sizes={"train": num_train, "val": num_val},
+        generator_version=GENERATOR_VERSION,
+        num_train=num_train,
+        num_val=num_val,
+        seed=seed,
         marker_files=[f"{split}.json" for split in SPLITS],
         remove_previous=_remove_previous,
-        generate_split=lambda out, split, n: _generate_split(out, split, n, seed),
+        generate_split=_generate_split,
         force=force,
     )
