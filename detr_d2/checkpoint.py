@@ -178,6 +178,8 @@ class DetrCheckpointer(DetectionCheckpointer):
     def __init__(self, model, save_dir: str = "", *, class_rows: Optional[Sequence[int]] = None, **kwargs):
         super().__init__(model, save_dir, **kwargs)
         self.class_rows = class_rows
+        # what ``save`` writes as "model": the model's state dict, or e.g. its weight EMA
+        self.saved_model_state = None
 
     def save(self, name: str, **kwargs) -> None:
         """Like fvcore's ``save``, but atomic: the file is written beside its final name, flushed
@@ -185,7 +187,7 @@ class DetrCheckpointer(DetectionCheckpointer):
         killed at any moment leaves the previous good checkpoint in place."""
         if not self.save_dir or not self.save_to_disk:
             return
-        data = {"model": self.model.state_dict()}
+        data = {"model": (self.saved_model_state or self.model.state_dict)()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)

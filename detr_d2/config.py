@@ -41,6 +41,31 @@ def add_detr_config(cfg: CN) -> None:
     # Down-weighting of the "no object" class in the cross-entropy (paper Sec. 3.1: factor 10).
     cfg.MODEL.DETR.NO_OBJECT_WEIGHT = 0.1
 
+    # Convergence aids (docs/convergence.md). All but CLASS_LOSS are training-only: the inference
+    # model, its checkpoint keys and its outputs are those of plain DETR.
+    # Classification loss: "softmax" (official cross-entropy with "no object"), "focal" (sigmoid
+    # focal loss, Deformable DETR) or "ia_bce" (IoU-aware BCE, Align-DETR / RF-DETR). The sigmoid
+    # losses also switch the matching cost to the focal cost and inference scores to the sigmoid;
+    # keep "softmax" for official checkpoints' class heads unless you fine-tune the head anew.
+    cfg.MODEL.DETR.CLASS_LOSS = "softmax"
+    # alpha and gamma of the focal loss / focal matching cost (Lin et al. 2017 defaults).
+    cfg.MODEL.DETR.FOCAL_ALPHA = 0.25
+    cfg.MODEL.DETR.FOCAL_GAMMA = 2.0
+    # Group DETR: G query groups in training (group 0 = the plain queries, used at inference),
+    # each matched one-to-one, self-attention masked across groups. 1 = plain DETR.
+    cfg.MODEL.DETR.GROUPS = 1
+    # H-DETR hybrid matching: a training-only query set matched to the targets repeated REPEAT
+    # times (one-to-many), its loss weighted by WEIGHT. NUM_QUERIES 0 = off.
+    cfg.MODEL.DETR.ONE_TO_MANY = CN()
+    cfg.MODEL.DETR.ONE_TO_MANY.NUM_QUERIES = 0
+    cfg.MODEL.DETR.ONE_TO_MANY.REPEAT = 6
+    cfg.MODEL.DETR.ONE_TO_MANY.WEIGHT = 1.0
+    # Dense auxiliary head (Co-DETR style, FCOS-like) on the encoder output: focal class loss and
+    # GIoU box loss at every location near an object centre, weighted by WEIGHT.
+    cfg.MODEL.DETR.DENSE_AUX = CN()
+    cfg.MODEL.DETR.DENSE_AUX.ENABLED = False
+    cfg.MODEL.DETR.DENSE_AUX.WEIGHT = 1.0
+
     # Segmentation: MODEL.MASK_ON (Detectron2's key) adds DETR's mask head (paper Sec. 4.4).
     # Train only the mask head; backbone, transformer and box/class heads are frozen (official
     # second panoptic stage, --frozen_weights: load the stage-1 model through MODEL.WEIGHTS).
@@ -79,6 +104,12 @@ def add_detr_config(cfg: CN) -> None:
     # "bf16" (CPU or GPU, no scaler needed) or "auto" (as TEST.PRECISION). Matching and losses
     # always run in fp32.
     cfg.SOLVER.AMP.PRECISION = "fp16"
+
+    # Exponential moving average of the weights: evaluated, and saved as the checkpoints' "model"
+    # (the raw weights stay in the trainer state for --resume). Decay ramps up from 0 (ema.py).
+    cfg.SOLVER.EMA = CN()
+    cfg.SOLVER.EMA.ENABLED = False
+    cfg.SOLVER.EMA.DECAY = 0.999
 
     # Learning-rate multiplier of the backbone (official: 1e-5 vs 1e-4 for the transformer).
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1

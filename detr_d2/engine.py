@@ -7,13 +7,14 @@ import weakref
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 
 from .checkpoint import DetrCheckpointer
 from .data import DetrDatasetMapper, coco_class_rows, drop_degenerate_boxes
+from .ema import EMAHook, unwrap
 from .evaluation import EVALUATORS, coco_evaluators, cocoeval_class
 from .model_report import log_model_report
 from .modeling.inference_graph import inference_model
@@ -145,8 +146,30 @@ class DetrTrainer(DefaultTrainer):
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
+        self.ema_hook = (
+            EMAHook(model, self.checkpointer, cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
+        )
         self.register_hooks(self.build_hooks())
         log_model_report(self._trainer.model, cfg)
+
+    def build_hooks(self):
+        """Detectron2's hooks; with ``SOLVER.EMA.ENABLED`` the EMA update runs right after the
+        LR scheduler (before checkpointing and evaluation), and evaluation scores the EMA model."""
+        hook_list = super().build_hooks()
+        if self.ema_hook is None:
+            return hook_list
+
+        def test_ema():
+            self._last_eval_results = self.test(self.cfg, self.ema_hook.ema.averaged_model(unwrap(self.model)))
+            return self._last_eval_results
+
+        hook_list = [
+            hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_ema) if isinstance(h, hooks.EvalHook) else h
+            for h in hook_list
+        ]
+        scheduler_at = next(i for i, h in enumerate(hook_list) if isinstance(h, hooks.LRScheduler))
+        hook_list.insert(scheduler_at + 1, self.ema_hook)
+        return hook_list
 
     def resume_or_load(self, resume: bool = True):
         self._loaded_rng_state = None

@@ -110,10 +110,10 @@ def one_step_losses(cfg, batch, steps):
     seen_dtypes = set()
     compute = model.criterion.compute
 
-    def spy(outputs, targets):
+    def spy(outputs, targets, *args, **kwargs):
         seen_dtypes.update({outputs["pred_logits"].dtype, outputs["pred_boxes"].dtype})
         seen_dtypes.add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
-        losses, metrics, indices = compute(outputs, targets)
+        losses, metrics, indices = compute(outputs, targets, *args, **kwargs)
         seen_dtypes.update(v.dtype for v in losses.values())
         return losses, metrics, indices
 

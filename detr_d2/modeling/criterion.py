@@ -23,6 +23,7 @@ from .matcher import HungarianMatcher
 from .segmentation import dice_loss, sigmoid_focal_loss
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
+CLASS_LOSSES = ("softmax", "focal", "ia_bce")
 
 
 def average_over_workers(value: torch.Tensor) -> torch.Tensor:
@@ -46,14 +47,18 @@ def average_num_boxes(targets: List[Dict[str, torch.Tensor]], device: torch.devi
     return torch.clamp(average_over_workers(num_boxes), min=1).item()
 
 
-def paired_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """GIoU of ``boxes1[i]`` with ``boxes2[i]``: [M, 4] xyxy each -> [M] (the diagonal of the
-    pairwise GIoU matrix, without computing the M x M matrix)."""
+def paired_generalized_box_iou(
+    boxes1: torch.Tensor, boxes2: torch.Tensor, giou: bool = True
+) -> torch.Tensor:
+    """GIoU (or with ``giou=False`` plain IoU) of ``boxes1[i]`` with ``boxes2[i]``: [M, 4] xyxy
+    each -> [M] (the diagonal of the pairwise matrix, without computing the M x M matrix)."""
     area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
     area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
     inter_wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2]))
     inter = inter_wh.clamp(min=0).prod(-1)
     union = area1 + area2 - inter
+    if not giou:
+        return inter / union
     hull_wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2]))
     hull = hull_wh.clamp(min=0).prod(-1)
     return inter / union - (hull - union) / hull
@@ -67,6 +72,12 @@ class SetCriterion(nn.Module):
     ``forward`` returns only weighted ``loss_*`` tensors (Detectron2 sums every entry of the loss
     dict); auxiliary-layer terms carry the suffix ``_{i}``. ``class_error`` and
     ``cardinality_error`` of the last layer go to Detectron2's event storage.
+
+    ``class_loss`` picks the classification term ``loss_ce``: ``"softmax"`` (official: weighted
+    cross-entropy with a "no object" class), ``"focal"`` (sigmoid focal loss on the K class
+    logits, Deformable DETR) or ``"ia_bce"`` (IoU-aware BCE: the matched query's target is
+    ``p^alpha * IoU^(1-alpha)``, negatives weighted by ``p^gamma``; Align-DETR / RF-DETR). The
+    sigmoid losses leave the "no object" logit unused, so the head keeps its K + 1 rows.
     """
 
     def __init__(
@@ -76,16 +87,24 @@ class SetCriterion(nn.Module):
         weight_dict: Dict[str, float],
         eos_coef: float,
         losses: Sequence[str] = ("labels", "boxes"),
+        class_loss: str = "softmax",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
     ):
         super().__init__()
         unknown = set(losses) - set(self._loss_table())
         if unknown:
             raise ValueError(f"Unknown DETR loss terms {sorted(unknown)}; known: {list(self._loss_table())}")
+        if class_loss not in CLASS_LOSSES:
+            raise ValueError(f"MODEL.DETR.CLASS_LOSS must be one of {CLASS_LOSSES}, got {class_loss!r}.")
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
         self.eos_coef = eos_coef
         self.losses = tuple(losses)
+        self.class_loss = class_loss
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
@@ -104,7 +123,8 @@ class SetCriterion(nn.Module):
         return batch_idx, src_idx
 
     def loss_labels(self, outputs, targets, indices, num_boxes) -> Dict[str, torch.Tensor]:
-        """Cross-entropy over all queries; unmatched ones are "no object" (weight eos_coef)."""
+        """Cross-entropy over all queries; unmatched ones are "no object" (weight eos_coef).
+        With a sigmoid ``class_loss``, see :meth:`_sigmoid_class_loss`."""
         logits = outputs["pred_logits"].float()  # [N, Q, K+1]
         idx = self._matched_query_index(indices)
         target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
@@ -112,6 +132,8 @@ class SetCriterion(nn.Module):
             logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
         )
         target_classes[idx] = target_classes_o.to(logits.device)
+        if self.class_loss != "softmax":
+            return {"loss_ce": self._sigmoid_class_loss(outputs, targets, indices, target_classes, num_boxes)}
         # The official weighted mean, sum(w * ce) / sum(w), with sum(w) averaged over workers
         # like num_boxes: identical on one worker, and DDP's averaged gradients then equal those
         # of one big batch (a per-worker mean would weight workers by their share of matches).
@@ -120,6 +142,32 @@ class SetCriterion(nn.Module):
         )
         weight_sum = average_over_workers(self.empty_weight[target_classes].sum().detach())
         return {"loss_ce": weighted_ce / weight_sum}
+
+    def _sigmoid_class_loss(self, outputs, targets, indices, target_classes, num_boxes) -> torch.Tensor:
+        """Focal or IoU-aware BCE over the K class logits of every query, summed and divided by
+        the number of target boxes (Deformable DETR's normalisation)."""
+        logits = outputs["pred_logits"][..., : self.num_classes].float()  # [N, Q, K]
+        onehot = F.one_hot(target_classes, self.num_classes + 1)[..., : self.num_classes].to(logits)
+        if self.class_loss == "focal":
+            return sigmoid_focal_loss(
+                logits.flatten(0, 1), onehot.flatten(0, 1), 1.0, self.focal_alpha, self.focal_gamma
+            ) * logits.shape[-1] / num_boxes
+        # IA-BCE: positives' soft target t = p^alpha * IoU^(1-alpha); negatives weighted p^gamma
+        prob = logits.sigmoid()
+        idx = self._matched_query_index(indices)
+        src_boxes = outputs["pred_boxes"][idx].detach().float()
+        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
+        iou = paired_generalized_box_iou(
+            box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes.to(src_boxes)), giou=False
+        ).clamp(min=0.01)
+        pos_weights = torch.zeros_like(logits)
+        neg_weights = prob.detach() ** self.focal_gamma
+        labels = target_classes[idx]
+        t = prob[idx[0], idx[1], labels].detach() ** self.focal_alpha * iou ** (1 - self.focal_alpha)
+        pos_weights[idx[0], idx[1], labels] = t
+        neg_weights[idx[0], idx[1], labels] = 1 - t
+        loss = -pos_weights * F.logsigmoid(logits) - neg_weights * F.logsigmoid(-logits)
+        return loss.sum() / num_boxes
 
     def loss_boxes(self, outputs, targets, indices, num_boxes) -> Dict[str, torch.Tensor]:
         """L1 and GIoU losses of the matched boxes, normalised by the number of target boxes."""
@@ -162,8 +210,12 @@ class SetCriterion(nn.Module):
     def metrics(self, outputs, targets, indices) -> Dict[str, float]:
         """Diagnostics of one decoder layer (not losses): ``class_error`` (% of matched queries
         whose top class is wrong, 100 when nothing is matched) and ``cardinality_error`` (mean
-        absolute difference between the number of non-"no object" predictions and targets)."""
+        absolute difference between the number of predicted objects and targets; a prediction
+        is an object when its top logit is not "no object", or with a sigmoid ``class_loss``
+        when its top class probability exceeds 0.5)."""
         logits = outputs["pred_logits"]
+        if self.class_loss != "softmax":
+            logits = logits[..., : self.num_classes]
         idx = self._matched_query_index(indices)
         target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
         if target_classes_o.numel() == 0:
@@ -171,16 +223,29 @@ class SetCriterion(nn.Module):
         else:
             correct = logits[idx].argmax(-1) == target_classes_o.to(logits.device)
             class_error = 100.0 - 100.0 * correct.float().mean().item()
-        num_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
+        if self.class_loss == "softmax":
+            num_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
+        else:
+            num_pred = (logits.max(-1).values > 0).sum(1).float()
         num_gt = torch.as_tensor([float(len(t["labels"])) for t in targets], device=logits.device)
         return {"class_error": class_error, "cardinality_error": F.l1_loss(num_pred, num_gt).item()}
 
-    def compute(self, outputs, targets) -> Tuple[Dict[str, torch.Tensor], Dict[str, float], List[Indices]]:
+    def compute(
+        self, outputs, targets, num_groups: int = 1, losses: Sequence[str] = ()
+    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, float], List[Indices]]:
         """Unweighted losses of every layer, last-layer metrics, and the matches of every layer
-        (last layer first, then the auxiliary layers in order)."""
-        num_boxes = average_num_boxes(targets, outputs["pred_logits"].device)
-        gt_classes = [t["labels"] for t in targets]
-        gt_boxes = [t["boxes"] for t in targets]
+        (last layer first, then the auxiliary layers in order).
+
+        With ``num_groups`` G > 1 (Group DETR), ``outputs`` hold G independent query groups
+        stacked group-major along the batch ([G*N, Q, ...], entry g*N + i is group g of image
+        i): each group is matched one-to-one to the N images' targets, and every loss is the
+        mean over groups (normalised by G times the box count). Metrics are those of group 0,
+        the queries inference uses. ``losses`` overrides ``self.losses`` (default: all)."""
+        n = len(targets)
+        num_boxes = average_num_boxes(targets, outputs["pred_logits"].device) * num_groups
+        targets_all = list(targets) * num_groups
+        gt_classes = [t["labels"] for t in targets_all]
+        gt_boxes = [t["boxes"] for t in targets_all]
         layers = [(outputs, "")] + [
             (aux, f"_{i}") for i, aux in enumerate(outputs.get("aux_outputs", []))
         ]
@@ -191,22 +256,36 @@ class SetCriterion(nn.Module):
             gt_classes,
             gt_boxes,
         )
-        losses = {}
+        result = {}
         for (layer_outputs, suffix), indices in zip(layers, all_indices):
-            for name in self.losses:
+            for name in losses or self.losses:
                 if suffix and name in self._FINAL_LAYER_ONLY:
                     continue
-                terms = self._loss_table()[name](layer_outputs, targets, indices, num_boxes)
-                losses.update({k + suffix: v for k, v in terms.items()})
-        metrics = self.metrics(outputs, targets, all_indices[0])
-        return losses, metrics, all_indices
+                terms = self._loss_table()[name](layer_outputs, targets_all, indices, num_boxes)
+                result.update({k + suffix: v for k, v in terms.items()})
+        group0 = {k: outputs[k][:n] for k in ("pred_logits", "pred_boxes")}
+        metrics = self.metrics(group0, targets, all_indices[0][:n])
+        return result, metrics, all_indices
 
-    def forward(self, outputs, targets) -> Dict[str, torch.Tensor]:
-        losses, metrics, _ = self.compute(outputs, targets)
+    def forward(self, outputs, targets, num_groups: int = 1, one_to_many=None) -> Dict[str, torch.Tensor]:
+        """Weighted losses. ``num_groups``: see :meth:`compute`. ``one_to_many``: optional
+        ``(outputs, repeat, weight)`` of the training-only one-to-many queries (H-DETR): matched
+        to every target repeated ``repeat`` times, box and class terms only, weighted by
+        ``weight`` on top of the usual weights, keys suffixed ``_o2m``."""
+        losses, metrics, _ = self.compute(outputs, targets, num_groups)
         storage = get_event_storage()
         for name, value in metrics.items():
             storage.put_scalar(name, value)
-        return {k: v * self.weight_dict[k] for k, v in losses.items()}
+        weighted = {k: v * self.weight_dict[k] for k, v in losses.items()}
+        if one_to_many is not None:
+            o2m_outputs, repeat, weight = one_to_many
+            repeated = [
+                {"labels": t["labels"].repeat(repeat), "boxes": t["boxes"].repeat(repeat, 1)}
+                for t in targets
+            ]
+            o2m_losses, _, _ = self.compute(o2m_outputs, repeated, losses=("labels", "boxes"))
+            weighted.update({k + "_o2m": v * self.weight_dict[k] * weight for k, v in o2m_losses.items()})
+        return weighted
 
     def extra_repr(self) -> str:
         base = {k: v for k, v in self.weight_dict.items() if not k[-1].isdigit()}

@@ -10,6 +10,7 @@ With ``MODEL.MASK_ON`` the model is the official ``DETRsegm``: the same trunk pl
 segmentations (``MODEL.DETR.TEST.{INSTANCE,SEMANTIC,PANOPTIC}_ON``).
 """
 import logging
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -34,6 +35,8 @@ from .postprocessing import (
     semantic_inference,
 )
 from .segmentation import MASK_HEAD_IN_FEATURES, MaskAttentionMap, MaskHead
+from .dense_head import DenseAuxHead
+from .training_queries import TrainingQueries
 from .transformer import Transformer
 
 logger = logging.getLogger(__name__)
@@ -95,6 +98,13 @@ class Detr(nn.Module):
         # speed
         test_precision: torch.dtype = torch.float32,
         channels_last: bool = False,
+        # training-only convergence aids (docs/convergence.md)
+        training_queries: Optional[TrainingQueries] = None,
+        one_to_many_repeat: int = 6,
+        one_to_many_weight: float = 1.0,
+        score_activation: str = "softmax",
+        dense_head: Optional[DenseAuxHead] = None,
+        dense_weight: float = 1.0,
     ):
         """
         Args:
@@ -120,6 +130,14 @@ class Detr(nn.Module):
             mask_threshold: probability threshold of the binary instance masks.
             test_precision: dtype of the network in inference (autocast; fp32 post-processing).
             channels_last: backbone weights and inputs in channels-last (NHWC) memory format.
+            training_queries: extra query groups (Group DETR) and one-to-many queries (H-DETR),
+                used in training only; inference runs the plain queries.
+            dense_head: a training-only dense detection head on the encoder output.
+            dense_weight: weight of its losses.
+            one_to_many_repeat: k, how often each target is repeated for the one-to-many set.
+            one_to_many_weight: weight of the one-to-many losses relative to the plain ones.
+            score_activation: "softmax" (official) or "sigmoid" (models trained with a sigmoid
+                classification loss): how inference turns logits into scores.
         """
         super().__init__()
         if in_feature not in backbone.output_shape():
@@ -178,6 +196,34 @@ class Detr(nn.Module):
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
 
+        if score_activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"score_activation must be 'softmax' or 'sigmoid', got {score_activation!r}.")
+        if score_activation == "sigmoid" and mask_on:
+            raise ValueError(
+                "MODEL.DETR.CLASS_LOSS focal/ia_bce (sigmoid scores) is not supported with "
+                "MODEL.MASK_ON: panoptic inference follows the official softmax scores."
+            )
+        self.score_activation = score_activation
+        if score_activation == "sigmoid":
+            # focal-loss prior (Lin et al. 2017): every class starts at probability 0.01
+            nn.init.constant_(self.class_embed.bias, -math.log(99.0))
+        # Parts that exist only for training; the inference model drops them (inference_graph).
+        self.train_only = nn.ModuleDict()
+        if training_queries is not None and training_queries.active:
+            if mask_on:
+                raise ValueError(
+                    "MODEL.DETR.GROUPS > 1 and MODEL.DETR.ONE_TO_MANY are box-model training aids: "
+                    "set them in the box stage, not with MODEL.MASK_ON."
+                )
+            self.train_only["queries"] = training_queries
+        self.one_to_many_repeat = one_to_many_repeat
+        self.one_to_many_weight = one_to_many_weight
+        if dense_head is not None:
+            if mask_on:
+                raise ValueError("MODEL.DETR.DENSE_AUX is a box-model training aid: not with MODEL.MASK_ON.")
+            self.train_only["dense_head"] = dense_head
+        self.dense_weight = dense_weight
+
     def _freeze_detection(self) -> None:
         """Official stage 2 (``--frozen_weights``): only ``bbox_attention`` and ``mask_head``
         train. Batch norms become ``FrozenBatchNorm2d`` so that their statistics stay those of
@@ -191,8 +237,14 @@ class Detr(nn.Module):
     def from_config(cls, cfg) -> Dict:
         detr = cfg.MODEL.DETR
         backbone = build_backbone(cfg)
+        sigmoid = detr.CLASS_LOSS != "softmax"
         matcher = HungarianMatcher(
-            cost_class=detr.COST_CLASS, cost_bbox=detr.COST_BBOX, cost_giou=detr.COST_GIOU
+            cost_class=detr.COST_CLASS,
+            cost_bbox=detr.COST_BBOX,
+            cost_giou=detr.COST_GIOU,
+            class_cost="focal" if sigmoid else "softmax",
+            focal_alpha=detr.FOCAL_ALPHA,
+            focal_gamma=detr.FOCAL_GAMMA,
         )
         base_weights = {
             "loss_ce": detr.CLASS_WEIGHT,
@@ -210,6 +262,9 @@ class Detr(nn.Module):
             weight_dict=build_weight_dict(base_weights, num_aux),
             eos_coef=detr.NO_OBJECT_WEIGHT,
             losses=losses,
+            class_loss=detr.CLASS_LOSS,
+            focal_alpha=detr.FOCAL_ALPHA,
+            focal_gamma=detr.FOCAL_GAMMA,
         )
         transformer = Transformer(
             d_model=detr.HIDDEN_DIM,
@@ -245,6 +300,17 @@ class Detr(nn.Module):
                 cfg.TEST.PRECISION, "TEST.PRECISION", torch.device(cfg.MODEL.DEVICE).type
             ),
             "channels_last": detr.CHANNELS_LAST,
+            "training_queries": TrainingQueries(
+                hidden_dim=detr.HIDDEN_DIM,
+                num_queries=detr.NUM_OBJECT_QUERIES,
+                num_groups=detr.GROUPS,
+                num_one_to_many=detr.ONE_TO_MANY.NUM_QUERIES,
+            ),
+            "one_to_many_repeat": detr.ONE_TO_MANY.REPEAT,
+            "one_to_many_weight": detr.ONE_TO_MANY.WEIGHT,
+            "score_activation": "sigmoid" if sigmoid else "softmax",
+            "dense_head": DenseAuxHead(detr.HIDDEN_DIM, detr.NUM_CLASSES) if detr.DENSE_AUX.ENABLED else None,
+            "dense_weight": detr.DENSE_AUX.WEIGHT,
         }
 
     @property
@@ -262,7 +328,24 @@ class Detr(nn.Module):
             for key in [k for k in state_dict if k.startswith(prefix)]:
                 del state_dict[key]
             state_dict.update({prefix + k: v for k, v in converted.items()})
+        self._init_training_queries(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _init_training_queries(self, state_dict, prefix: str) -> None:
+        """A checkpoint without the training-only queries (official, or trained without them)
+        starts them from its own object queries, so fine-tuning keeps what they learned; checkpoints
+        of a run with the same query sets (resume) load them as they are."""
+        if "queries" not in self.train_only:
+            return
+        queries = self.train_only["queries"]
+        own = {prefix + "train_only.queries." + k: v for k, v in queries.state_dict().items()}
+        plain = state_dict.get(prefix + "query_embed.weight")
+        if all(k in state_dict for k in own) or plain is None or plain.shape != self.query_embed.weight.shape:
+            return
+        queries.init_from_plain(plain.to(self.query_embed.weight))
+        logger.info("Training-only query sets initialised from the checkpoint's object queries.")
+        for key, value in queries.state_dict().items():
+            state_dict.setdefault(prefix + "train_only.queries." + key, value.clone())
 
     # ---------------------------------------------------------------- shared trunk
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
@@ -303,13 +386,27 @@ class Detr(nn.Module):
         mask = self.padding_mask(images, feature.shape[-2:])
         pos = self.position_embedding(mask).to(feature.dtype)
         projected = self.input_proj(feature)
-        hs, memory = self.transformer(projected, mask, self.query_embed.weight, pos)
+        extra = self.train_only["queries"] if self.training and "queries" in self.train_only else None
+        if extra is None:
+            hs, memory = self.transformer(projected, mask, self.query_embed.weight, pos)
+        else:
+            queries = extra.queries(self.query_embed.weight)  # [T, C]
+            attn_mask = extra.self_attention_mask(queries.device)
+            hs, memory = self.transformer(projected, mask, queries, pos, attn_mask)
         with_aux = with_aux and self.aux_loss
         if not with_aux:
             hs = hs[-1:]
-        logits = self.class_embed(hs)  # [L, N, Q, K+1]
+        logits = self.class_embed(hs)  # [L, N, Q, K+1] (training-only sets: [L, N, T, K+1])
         boxes = self.bbox_embed(hs).sigmoid()  # [L, N, Q, 4]
-        outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if extra is not None:
+            outputs = self._training_set_outputs(extra, logits, boxes)
+        else:
+            outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.training and "dense_head" in self.train_only:
+            stride = images.tensor.shape[-1] / feature.shape[-1]
+            outputs["dense"] = (*self.train_only["dense_head"](memory), mask, stride)
+        if extra is not None:
+            return outputs
         if self.mask_on:
             # masks from the last decoder layer only, as the official DETRsegm
             attention = self.bbox_attention(hs[-1], memory, mask)  # [N, Q, M, H, W]
@@ -319,6 +416,25 @@ class Detr(nn.Module):
             outputs["aux_outputs"] = [
                 {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
             ]
+        return outputs
+
+    @staticmethod
+    def _training_set_outputs(extra: TrainingQueries, logits, boxes) -> Dict:
+        """Outputs of the training-only query sets: the groups stacked group-major along the
+        batch ([G*N, Q, ...], group 0 first) and, under ``one_to_many``, the one-to-many set."""
+
+        def as_outputs(layer_logits, layer_boxes):
+            outputs = {"pred_logits": layer_logits[-1], "pred_boxes": layer_boxes[-1]}
+            if len(layer_logits) > 1:
+                outputs["aux_outputs"] = [
+                    {"pred_logits": a, "pred_boxes": b} for a, b in zip(layer_logits[:-1], layer_boxes[:-1])
+                ]
+            return outputs
+
+        split_logits, split_boxes = extra.split(logits), extra.split(boxes)
+        outputs = as_outputs(split_logits["groups"], split_boxes["groups"])
+        if split_logits["one_to_many"] is not None:
+            outputs["one_to_many"] = as_outputs(split_logits["one_to_many"], split_boxes["one_to_many"])
         return outputs
 
     # ---------------------------------------------------------------- entry points
@@ -338,7 +454,26 @@ class Detr(nn.Module):
         targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
         # matching and losses in fp32 even when the trainer runs the network under autocast
         with torch.autocast(self.device.type, enabled=False):
-            return self.criterion(to_float32(outputs), targets)
+            outputs = to_float32(outputs)
+            if not self.train_only:
+                return self.criterion(outputs, targets)
+            return self._training_aid_losses(outputs, targets, images.image_sizes)
+
+    def _training_aid_losses(self, outputs: Dict, targets: List[Dict], image_sizes) -> Dict:
+        """The set losses with the training-only query sets and the dense head's losses."""
+        dense = outputs.pop("dense", None)
+        one_to_many = outputs.pop("one_to_many", None)
+        if one_to_many is not None:
+            one_to_many = (one_to_many, self.one_to_many_repeat, self.one_to_many_weight)
+        groups = self.train_only["queries"].num_groups if "queries" in self.train_only else 1
+        losses = self.criterion(outputs, targets, num_groups=groups, one_to_many=one_to_many)
+        if dense is not None:
+            cls_logits, distances, padding, stride = dense
+            dense_losses = self.train_only["dense_head"].losses(
+                cls_logits, distances, padding, targets, image_sizes, stride
+            )
+            losses.update({k: v * self.dense_weight for k, v in dense_losses.items()})
+        return losses
 
     def _test_heads(self, images: ImageList, with_aux: bool) -> Dict:
         """``forward_heads`` in ``test_precision``, outputs in fp32 for post-processing."""
@@ -438,7 +573,9 @@ class Detr(nn.Module):
     def _instances(self, outputs: Dict, images: ImageList, output_sizes) -> List:
         """One ``Instances`` per image at ``output_sizes`` (see :func:`instance_inference`)."""
         if not self.mask_on and self.thing_ids is None:
-            return detection_inference(outputs["pred_logits"], outputs["pred_boxes"], output_sizes)
+            return detection_inference(
+                outputs["pred_logits"], outputs["pred_boxes"], output_sizes, self.score_activation
+            )
         return [
             instance_inference(
                 outputs["pred_logits"][i],
@@ -449,6 +586,7 @@ class Detr(nn.Module):
                 output_size=size,
                 thing_ids=self.thing_ids,
                 mask_threshold=self.mask_threshold,
+                activation=self.score_activation,
             )
             for i, size in enumerate(output_sizes)
         ]

@@ -46,12 +46,15 @@ def fold_batchnorm(model: nn.Module) -> int:
 def inference_model(model: nn.Module, cfg: CfgNode) -> nn.Module:
     """The model to run inference with: ``model`` itself, or an eval-mode copy with its batch
     norms folded into the convolutions (``TEST.FOLD_BATCHNORM``) and its backbone and transformer
-    compiled by ``torch.compile`` (``TEST.COMPILE``)."""
+    compiled by ``torch.compile`` (``TEST.COMPILE``). The copy has no training-only parts
+    (``train_only``: extra query groups, one-to-many queries), so it is plain DETR."""
     if not (cfg.TEST.FOLD_BATCHNORM or cfg.TEST.COMPILE):
         return model
     if isinstance(model, DistributedDataParallel):
         model = model.module
     model = copy.deepcopy(model).eval()
+    if hasattr(model, "train_only"):
+        model.train_only = nn.ModuleDict()
     if cfg.TEST.FOLD_BATCHNORM:
         folded = fold_batchnorm(model)
         logger.info(f"Inference model: {folded} batch norms folded into convolutions.")

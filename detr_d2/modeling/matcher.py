@@ -14,17 +14,43 @@ from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 class HungarianMatcher(nn.Module):
     """One-to-one assignment of queries to targets minimising class + L1 + GIoU costs.
 
-    The cost of a pair is ``cost_class * -p(class) + cost_bbox * L1 + cost_giou * -GIoU``
-    (official DETR uses the negated probability instead of the log-probability).
+    The cost of a pair is ``cost_class * class_cost + cost_bbox * L1 + cost_giou * -GIoU``.
+    With ``class_cost="softmax"`` the class cost is the negated softmax probability (official
+    DETR, not the log-probability); with ``"focal"`` it is the focal-loss difference of the
+    sigmoid probability, ``alpha (1-p)^gamma (-log p) - (1-alpha) p^gamma (-log(1-p))``
+    (Deformable DETR), for models trained with a sigmoid classification loss.
     """
 
-    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0):
+    def __init__(
+        self,
+        cost_class: float = 1.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        class_cost: str = "softmax",
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ):
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("At least one of MODEL.DETR.COST_{CLASS,BBOX,GIOU} must be non-zero.")
+        if class_cost not in ("softmax", "focal"):
+            raise ValueError(f"class_cost must be 'softmax' or 'focal', got {class_cost!r}.")
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
+        self.class_cost = class_cost
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    def _class_cost(self, logits: torch.Tensor, tgt_ids: torch.Tensor) -> torch.Tensor:
+        """[P, K+1] logits, [T] target classes -> [P, T] class cost (lower is better)."""
+        if self.class_cost == "softmax":
+            return -logits.softmax(-1)[:, tgt_ids]
+        prob = logits[:, tgt_ids].sigmoid()  # the "no object" column is unused with sigmoid
+        alpha, gamma = self.focal_alpha, self.focal_gamma
+        positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+        negative = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
+        return positive - negative
 
     @torch.no_grad()
     def forward(
@@ -64,11 +90,11 @@ class HungarianMatcher(nn.Module):
             return [[(empty, empty) for _ in range(n)] for _ in range(layers)]
         # Every layer and image against all targets of the batch (one cost matrix); the
         # cross-image blocks are discarded by the split below.
-        prob = pred_logits.flatten(0, 2).float().softmax(-1)  # [L*N*Q, K+1]
+        logits = pred_logits.flatten(0, 2).float()  # [L*N*Q, K+1]
         boxes = pred_boxes.flatten(0, 2).float()  # [L*N*Q, 4]
         tgt_ids = torch.cat(gt_classes)
         tgt_boxes = torch.cat(gt_boxes).float()
-        cost_class = -prob[:, tgt_ids]  # [N*Q, sum G]
+        cost_class = self._class_cost(logits, tgt_ids)  # [L*N*Q, sum G]
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
@@ -91,4 +117,5 @@ class HungarianMatcher(nn.Module):
         return indices
 
     def extra_repr(self) -> str:
-        return f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}"
+        text = f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}"
+        return text if self.class_cost == "softmax" else f"{text}, class_cost={self.class_cost}"

@@ -14,8 +14,20 @@ from detectron2.structures import Boxes, Instances
 from .box_ops import box_cxcywh_to_xyxy
 
 
+def class_probabilities(pred_logits: torch.Tensor, activation: str = "softmax") -> torch.Tensor:
+    """[..., K+1] logits -> [..., K] class probabilities without "no object": the softmax over
+    all K + 1 logits (official DETR), or the sigmoid of the K class logits for models trained
+    with a sigmoid classification loss (``MODEL.DETR.CLASS_LOSS`` focal / ia_bce)."""
+    if activation == "softmax":
+        return F.softmax(pred_logits.float(), dim=-1)[..., :-1]
+    return pred_logits[..., :-1].float().sigmoid()
+
+
 def detection_inference(
-    pred_logits: torch.Tensor, pred_boxes: torch.Tensor, output_sizes: Sequence[Tuple[int, int]]
+    pred_logits: torch.Tensor,
+    pred_boxes: torch.Tensor,
+    output_sizes: Sequence[Tuple[int, int]],
+    activation: str = "softmax",
 ) -> List[Instances]:
     """One ``Instances`` per image with every query, as the official ``PostProcess``.
 
@@ -23,12 +35,13 @@ def detection_inference(
         pred_logits: [N, Q, K+1] logits, the last column is "no object".
         pred_boxes: [N, Q, 4] cxcywh boxes normalized by each unpadded input image.
         output_sizes: N (height, width) the boxes are scaled to.
+        activation: scoring, see :func:`class_probabilities`.
     Returns:
-        N ``Instances`` of Q entries: ``scores`` and ``pred_classes`` from the softmax without the
-        "no object" column, ``pred_boxes`` in absolute xyxy pixels of the output size. Boxes are
+        N ``Instances`` of Q entries: ``scores`` and ``pred_classes`` from the top class
+        probability, ``pred_boxes`` in absolute xyxy pixels of the output size. Boxes are
         not clipped, as in the official implementation, so scores and AP match it.
     """
-    scores, labels = F.softmax(pred_logits.float(), dim=-1)[..., :-1].max(-1)
+    scores, labels = class_probabilities(pred_logits, activation).max(-1)
     results = []
     for score, label, box, (height, width) in zip(scores, labels, pred_boxes, output_sizes):
         scale = torch.as_tensor([width, height, width, height], dtype=torch.float32, device=box.device)
@@ -89,11 +102,12 @@ def instance_inference(
     output_size: Tuple[int, int],
     thing_ids: Optional[Collection[int]] = None,
     mask_threshold: float = 0.5,
+    activation: str = "softmax",
 ) -> Instances:
     """One image's ``Instances``: :func:`detection_inference`, restricted to the queries whose
     class is in ``thing_ids`` (all of them when ``None``), with ``pred_masks`` (bool [Q', H, W],
     see :func:`instance_masks`) when ``pred_masks`` [Q, H4, W4] is given."""
-    result = detection_inference(pred_logits[None], pred_boxes[None], [output_size])[0]
+    result = detection_inference(pred_logits[None], pred_boxes[None], [output_size], activation)[0]
     keep = None
     if thing_ids is not None:
         thing_ids = torch.as_tensor(sorted(thing_ids), dtype=torch.int64, device=pred_logits.device)

@@ -77,9 +77,9 @@ class TransformerDecoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.normalize_before = normalize_before
 
-    def _self_attend(self, x, query_pos):
+    def _self_attend(self, x, query_pos, attn_mask):
         q = k = _with_pos(x, query_pos)
-        return self.self_attn(q, k, value=x, need_weights=False)[0]
+        return self.self_attn(q, k, value=x, attn_mask=attn_mask, need_weights=False)[0]
 
     def _cross_attend(self, x, memory, memory_key_padding_mask, pos, query_pos):
         return self.multihead_attn(
@@ -100,15 +100,18 @@ class TransformerDecoderLayer(nn.Module):
         memory_key_padding_mask: Optional[torch.Tensor],
         pos: Optional[torch.Tensor],
         query_pos: Optional[torch.Tensor],
+        self_attn_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """tgt, query_pos: [Q, N, C]; memory, pos: [S, N, C]; mask: bool [N, S]."""
+        """tgt, query_pos: [Q, N, C]; memory, pos: [S, N, C]; mask: bool [N, S];
+        self_attn_mask: bool [Q, Q], True where query i must not attend to query j (training-only
+        query groups), or None."""
         if self.normalize_before:
-            tgt = tgt + self.dropout1(self._self_attend(self.norm1(tgt), query_pos))
+            tgt = tgt + self.dropout1(self._self_attend(self.norm1(tgt), query_pos, self_attn_mask))
             tgt = tgt + self.dropout2(
                 self._cross_attend(self.norm2(tgt), memory, memory_key_padding_mask, pos, query_pos)
             )
             return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
-        tgt = self.norm1(tgt + self.dropout1(self._self_attend(tgt, query_pos)))
+        tgt = self.norm1(tgt + self.dropout1(self._self_attend(tgt, query_pos, self_attn_mask)))
         tgt = self.norm2(
             tgt
             + self.dropout2(
@@ -137,11 +140,13 @@ class TransformerDecoder(nn.Module):
         self.norm = norm
         self.return_intermediate = return_intermediate
 
-    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos) -> torch.Tensor:
+    def forward(
+        self, tgt, memory, memory_key_padding_mask, pos, query_pos, self_attn_mask=None
+    ) -> torch.Tensor:
         """Returns [L, Q, N, C]: every layer's normed output (L = num_layers) or the last only."""
         intermediate = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos)
+            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, self_attn_mask)
             if self.return_intermediate:
                 intermediate.append(self.norm(tgt))
         if self.return_intermediate:
@@ -191,7 +196,12 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     def forward(
-        self, src: torch.Tensor, mask: torch.Tensor, query_embed: torch.Tensor, pos_embed: torch.Tensor
+        self,
+        src: torch.Tensor,
+        mask: torch.Tensor,
+        query_embed: torch.Tensor,
+        pos_embed: torch.Tensor,
+        self_attn_mask: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -199,6 +209,8 @@ class Transformer(nn.Module):
             mask: bool [N, H, W], True on padding.
             query_embed: [Q, C] learned object queries (added as positions in every decoder layer).
             pos_embed: [N, C, H, W] spatial position encoding.
+            self_attn_mask: bool [Q, Q] mask of the decoder's query self-attention (True =
+                blocked), e.g. between training-only query groups; None for plain DETR.
         Returns:
             hs: [L, N, Q, C] decoder outputs (L = decoder layers, or 1 without intermediates);
             memory: [N, C, H, W] encoder output.
@@ -210,5 +222,5 @@ class Transformer(nn.Module):
         mask = mask.flatten(1)  # [N, S]
         tgt = torch.zeros_like(query_embed)  # decoder input is zeros; queries enter as positions
         memory = self.encoder(src, mask, pos_embed)
-        hs = self.decoder(tgt, memory, mask, pos_embed, query_embed)
+        hs = self.decoder(tgt, memory, mask, pos_embed, query_embed, self_attn_mask)
         return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(n, c, h, w)

@@ -1,0 +1,215 @@
+"""Convergence experiments: train config variants side by side, with several seeds, and report AP
+against iterations and wall-clock time (``tools/convergence.py``; results in
+``docs/convergence.md``).
+
+An experiment is a JSON spec::
+
+    {"config": "configs/detr_face_sample.yaml",     # the common base
+     "overrides": ["TEST.EVAL_PERIOD", "250", ...],  # for every run (eval sets, schedule)
+     "eval_sets": ["face_heldout", "face_sample_val"],
+     "seeds": [1, 2],
+     "variants": {"plain": [], "groups": ["MODEL.DETR.GROUPS", "13"], ...}}
+
+Each (variant, seed) trains in its own ``tools/train_net.py`` process with ``threads`` CPU
+threads (several runs share the machine, so a run's own timings are not trusted), and leaves
+Detectron2's ``metrics.json`` in ``OUT/variant/seed_S``. Wall-clock axes use the seconds per
+iteration of each variant measured alone (``measure_speed``: the benchmark tool's train task on
+the variant's config), so curves do not depend on what else ran at the same time.
+"""
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_spec(path: str) -> Dict:
+    with open(path) as f:
+        spec = json.load(f)
+    missing = [k for k in ("config", "variants", "seeds", "eval_sets") if k not in spec]
+    if missing:
+        raise ValueError(f"Experiment spec {path} lacks {missing}.")
+    return spec
+
+
+def run_dir(out_dir: str, variant: str, seed: int) -> Path:
+    return Path(out_dir) / variant / f"seed_{seed}"
+
+
+def train_command(spec: Dict, variant: str, seed: int, out_dir: str) -> List[str]:
+    """The ``tools/train_net.py`` command line of one run."""
+    if variant not in spec["variants"]:
+        raise KeyError(f"Unknown variant {variant!r}; the spec has {sorted(spec['variants'])}.")
+    return [
+        sys.executable,
+        str(REPO / "tools" / "train_net.py"),
+        "--config-file",
+        spec["config"],
+        *spec.get("overrides", []),
+        *spec["variants"][variant],
+        "SEED",
+        str(seed),
+        "OUTPUT_DIR",
+        str(run_dir(out_dir, variant, seed)),
+    ]
+
+
+def _finished(path: Path) -> bool:
+    return (path / "model_final.pth").exists()
+
+
+def run_experiment(
+    spec: Dict,
+    out_dir: str,
+    variants: Optional[Sequence[str]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    parallel: int = 2,
+    threads: int = 1,
+) -> None:
+    """Train every (variant, seed) not finished yet, ``parallel`` processes at a time."""
+    todo = [
+        (v, s)
+        for v in (variants or list(spec["variants"]))
+        for s in (seeds or spec["seeds"])
+        if not _finished(run_dir(out_dir, v, s))
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    running: List = []
+    progress = tqdm(total=len(todo), desc="runs", disable=None)
+    while todo or running:
+        while todo and len(running) < parallel:
+            variant, seed = todo.pop(0)
+            path = run_dir(out_dir, variant, seed)
+            path.mkdir(parents=True, exist_ok=True)
+            log = open(path / "train.log", "w")
+            command = train_command(spec, variant, seed, out_dir)
+            logger.info(f"Starting {variant} seed {seed}: {' '.join(command[1:])}")
+            running.append((variant, seed, subprocess.Popen(command, env=env, stdout=log, stderr=log, cwd=REPO), log))
+        time.sleep(2)
+        for item in list(running):
+            variant, seed, process, log = item
+            if process.poll() is None:
+                continue
+            log.close()
+            running.remove(item)
+            progress.update(1)
+            if process.returncode != 0:
+                logger.error(f"{variant} seed {seed} failed (exit {process.returncode}); see {log.name}")
+    progress.close()
+
+
+def read_curve(path: Path, eval_sets: Sequence[str]) -> Dict[str, List[float]]:
+    """``iteration`` and ``<set>/AP``, ``<set>/AP50`` at every evaluation of one run, from
+    Detectron2's ``metrics.json`` (one JSON object per line). With one test set Detectron2
+    writes ``bbox/AP`` without the set name."""
+    records = [json.loads(line) for line in open(path / "metrics.json")]
+    curve: Dict[str, List[float]] = {"iteration": []}
+    for record in records:
+        keys = [f"{s}/bbox/AP50" for s in eval_sets] if len(eval_sets) > 1 else ["bbox/AP50"]
+        if not all(k in record for k in keys):
+            continue
+        curve["iteration"].append(record["iteration"] + 1)
+        for name in eval_sets:
+            prefix = f"{name}/" if len(eval_sets) > 1 else ""
+            for metric in ("AP", "AP50"):
+                curve.setdefault(f"{name}/{metric}", []).append(record[f"{prefix}bbox/{metric}"])
+    return curve
+
+
+def collect(spec: Dict, out_dir: str) -> Dict[str, Dict[int, Dict[str, List[float]]]]:
+    """variant -> seed -> curve, for the finished runs."""
+    results: Dict[str, Dict[int, Dict]] = {}
+    for variant in spec["variants"]:
+        for seed in spec["seeds"]:
+            path = run_dir(out_dir, variant, seed)
+            if (path / "metrics.json").exists():
+                curve = read_curve(path, spec["eval_sets"])
+                if curve["iteration"]:
+                    results.setdefault(variant, {})[seed] = curve
+    return results
+
+
+def measure_speed(spec: Dict, variants: Sequence[str], iters: int = 30) -> Dict[str, float]:
+    """Median seconds per training iteration of each variant, measured alone with the benchmark
+    tool's train task on the variant's real batches (all the machine's threads)."""
+    speeds = {}
+    for variant in variants:
+        output = Path("/tmp") / f"convergence_speed_{os.getpid()}_{variant}.json"
+        command = [
+            sys.executable, str(REPO / "tools" / "benchmark.py"), "--config-file", spec["config"],
+            "--task", "train", "--input", "dataset", "--iters", str(iters), "--warmup", "5",
+            "--output", str(output), *spec.get("overrides", []), *spec["variants"][variant],
+        ]
+        subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        record = json.loads(output.read_text())
+        speeds[variant] = record["seconds_median"]
+        logger.info(f"{variant}: {speeds[variant]:.3f} s/iteration")
+    return speeds
+
+
+def _mean_curve(curves: Dict[int, Dict], key: str):
+    """Iterations common to all seeds, mean and per-seed values of ``key`` there."""
+    length = min(len(c["iteration"]) for c in curves.values())
+    iterations = next(iter(curves.values()))["iteration"][:length]
+    values = np.array([c[key][:length] for c in curves.values()])  # [seeds, evals]
+    return iterations, values.mean(0), values
+
+
+def markdown_report(spec: Dict, results: Dict, speeds: Dict[str, float], baseline: str) -> str:
+    """Tables: per variant, seconds per iteration (and overhead vs ``baseline``), and AP50/AP of
+    every eval set at every evaluated iteration (mean over seeds, seeds in brackets)."""
+    lines = ["| variant | s/iteration | overhead vs " + baseline + " |", "|---|---|---|"]
+    for variant in results:
+        if variant in speeds:
+            overhead = 100 * (speeds[variant] / speeds[baseline] - 1) if baseline in speeds else float("nan")
+            lines.append(f"| {variant} | {speeds[variant]:.3f} | {overhead:+.0f} % |")
+    for name in spec["eval_sets"]:
+        for metric in ("AP50", "AP"):
+            key = f"{name}/{metric}"
+            iterations = next(iter(next(iter(results.values())).values()))["iteration"]
+            lines += ["", f"**{metric} on `{name}`** (mean over seeds; per seed in brackets)", ""]
+            header = "| variant | " + " | ".join(str(i) for i in iterations) + " |"
+            lines += [header, "|---" * (len(iterations) + 1) + "|"]
+            for variant, curves in results.items():
+                its, mean, values = _mean_curve(curves, key)
+                cells = [
+                    f"{m:.1f} ({'/'.join(f'{v:.1f}' for v in values[:, j])})" for j, m in enumerate(mean)
+                ]
+                lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(spec: Dict, results: Dict, speeds: Dict[str, float], eval_set: str, path: str) -> None:
+    """PNG: AP50 of ``eval_set`` against iterations and against minutes (mean over seeds, the
+    seeds' range shaded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for variant, curves in results.items():
+        iterations, mean, values = _mean_curve(curves, f"{eval_set}/AP50")
+        iterations = np.array(iterations)
+        for axis, x in ((axes[0], iterations), (axes[1], iterations * speeds.get(variant, np.nan) / 60)):
+            (line,) = axis.plot(x, mean, marker="o", markersize=3, label=variant)
+            axis.fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+    axes[0].set_xlabel("iteration")
+    axes[1].set_xlabel("training minutes on this machine (s/iteration measured alone)")
+    for axis in axes:
+        axis.set_ylabel(f"AP50 on {eval_set}")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
