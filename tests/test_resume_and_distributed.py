@@ -66,12 +66,20 @@ def final_state(out):
 SCHEDULE = ["SOLVER.MAX_ITER", 8, "SOLVER.CHECKPOINT_PERIOD", 2, "SOLVER.STEPS", "(5,)", "SEED", 7, "MODEL.DETR.DROPOUT", 0.1, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(data_opts, tmp_path):
+# every training-only convergence aid, each with its own state (queries, EMA, dense head)
+TRAINING_AIDS = [
+    "MODEL.DETR.GROUPS", 3, "MODEL.DETR.ONE_TO_MANY.NUM_QUERIES", 12, "MODEL.DETR.CLASS_LOSS", "ia_bce",
+    "MODEL.DETR.DENSE_AUX.ENABLED", True, "SOLVER.EMA.ENABLED", True,
+]
+
+
+@pytest.mark.parametrize("aids", [[], TRAINING_AIDS], ids=["plain", "training_aids"])
+def test_sigkill_then_resume_equals_uninterrupted_run(data_opts, tmp_path, aids):
     reference = tmp_path / "uninterrupted"
-    run(command(reference, *data_opts, *SCHEDULE))
+    run(command(reference, *data_opts, *SCHEDULE, *aids))
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(command(killed, *data_opts, *SCHEDULE), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command(killed, *data_opts, *SCHEDULE, *aids), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "model_0000003.pth").exists():  # killed right after the second checkpoint
         assert process.poll() is None and time.time() < deadline, "training ended before it could be killed"
@@ -82,12 +90,19 @@ def test_sigkill_then_resume_equals_uninterrupted_run(data_opts, tmp_path):
     last = (killed / "last_checkpoint").read_text().strip()
     done = torch.load(killed / last, weights_only=True)["iteration"]
 
-    log = run(command(killed, *data_opts, *SCHEDULE, args=["--resume"]))
+    log = run(command(killed, *data_opts, *SCHEDULE, *aids, args=["--resume"]))
     assert f"Starting training from iteration {done + 1}" in log
     ours, theirs = final_state(killed), final_state(reference)
     assert ours["iteration"] == theirs["iteration"] == 7
-    for key, value in theirs["model"].items():
-        assert torch.allclose(ours["model"][key], value, rtol=0, atol=1e-6), key
+    weights = [(ours["model"], theirs["model"])]  # with EMA: the averaged weights
+    if aids:
+        assert any(k.startswith("train_only.") for k in theirs["model"])
+        hooks = [s["trainer"]["hooks"]["EMAHook"] for s in (ours, theirs)]
+        assert hooks[0]["updates"] == hooks[1]["updates"] == 8
+        weights.append((hooks[0]["train_weights"], hooks[1]["train_weights"]))
+    for mine, reference_weights in weights:
+        for key, value in reference_weights.items():
+            assert torch.allclose(mine[key], value, rtol=0, atol=1e-6), key
     optimizer_states = [s["trainer"]["_trainer"]["optimizer"]["state"] for s in (ours, theirs)]
     assert len(optimizer_states[0]) == len(optimizer_states[1]) > 0
     for a, b in zip(*(o.values() for o in optimizer_states)):
@@ -112,7 +127,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
 
 
-def test_two_cpu_processes_train_like_one(square_data_opts, tmp_path):
+@pytest.mark.parametrize("aids", [[], ["MODEL.DETR.GROUPS", 3, "MODEL.DETR.ONE_TO_MANY.NUM_QUERIES", 12, "MODEL.DETR.CLASS_LOSS", "focal", "MODEL.DETR.DENSE_AUX.ENABLED", True]], ids=["plain", "training_aids"])
+def test_two_cpu_processes_train_like_one(square_data_opts, tmp_path, aids):
     """Same total batch (4) and seed: 1 process with batch 4 vs 2 gloo processes with 2 each.
 
     FrozenBN, so no batch statistics differ between the two. The only difference left is float
@@ -123,7 +139,7 @@ def test_two_cpu_processes_train_like_one(square_data_opts, tmp_path):
     step, so the losses of 2 iterations are compared to 1e-4 relative instead. In fp32: bf16
     rounding (the sample config's "auto" precision) would dwarf these tolerances.
     """
-    opts = [*square_data_opts, "SOLVER.IMS_PER_BATCH", 4, "SOLVER.MAX_ITER", 2, "SEED", 3, "MODEL.RESNETS.NORM", "FrozenBN", "SOLVER.CHECKPOINT_PERIOD", 1, "SOLVER.AMP.ENABLED", False]
+    opts = [*square_data_opts, "SOLVER.IMS_PER_BATCH", 4, "SOLVER.MAX_ITER", 2, "SEED", 3, "MODEL.RESNETS.NORM", "FrozenBN", "SOLVER.CHECKPOINT_PERIOD", 1, "SOLVER.AMP.ENABLED", False, *aids]
     single, double = tmp_path / "one", tmp_path / "two"
     run(command(single, *opts))
     log = run(command(double, *opts, args=["--num-gpus", "2", "--dist-url", "auto"]))
@@ -133,7 +149,10 @@ def test_two_cpu_processes_train_like_one(square_data_opts, tmp_path):
         assert torch.allclose(after_one_step[1][key], value, rtol=0, atol=1e-6), key
     rows = [[json.loads(line) for line in (out / "metrics.json").read_text().splitlines()] for out in (single, double)]
     train = [[m for m in r if "total_loss" in m][-1] for r in rows]
-    for key in ("total_loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_giou_0"):
+    keys = ["total_loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_giou_0"]
+    if aids:
+        keys += ["loss_ce_o2m", "loss_bbox_o2m", "loss_dense_cls", "loss_dense_giou"]
+    for key in keys:
         assert train[0][key] == pytest.approx(train[1][key], rel=1e-4), key
     # evaluation gathers the predictions of both ranks: all 6 val images are scored
     predictions = json.loads((double / "inference" / "faces_square_val" / "coco_instances_results.json").read_text())
