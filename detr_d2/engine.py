@@ -13,7 +13,7 @@ from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 
 from .checkpoint import DetrCheckpointer
-from .data import DetrDatasetMapper, coco_class_rows, drop_degenerate_boxes
+from .data import DetrDatasetMapper, drop_degenerate_boxes
 from .evaluation import EVALUATORS, coco_evaluators, cocoeval_class
 from .model_report import log_model_report
 from .modeling.inference_graph import inference_model
@@ -55,7 +55,7 @@ def resolve_num_workers(cfg: CfgNode) -> int:
 
 def build_checkpointer(cfg: CfgNode, model, **checkpointables) -> DetrCheckpointer:
     """The checkpointer every entry point uses, so official files load the same way everywhere."""
-    return DetrCheckpointer(model, cfg.OUTPUT_DIR, class_rows=coco_class_rows(cfg), **checkpointables)
+    return DetrCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
 
 
 class _NonFiniteLossCheck:

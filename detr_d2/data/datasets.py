@@ -9,7 +9,8 @@ from detectron2.structures import BoxMode
 
 from .coco_json import load_coco_detection_json
 from .registration import needs_registration
-from .panoptic import coco_panoptic_class_rows, register_coco_panoptic_from_cfg
+from ..layout import OFFICIAL_DETECTION_ROWS, OFFICIAL_PANOPTIC_ROWS, layout_from_cfg, official_class_rows
+from .panoptic import register_coco_panoptic_from_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -69,24 +70,8 @@ def drop_degenerate_boxes(dataset_dicts: List[Dict], dataset_name: str = "") -> 
 
 
 def coco_class_rows(cfg: CfgNode) -> Optional[List[int]]:
-    """Dataset category id of each contiguous class, when the model has COCO's 80 classes (or
-    COCO panoptic's 133, see :func:`~detr_d2.data.panoptic.coco_panoptic_class_rows`).
-
-    Official detection checkpoints index their 92-row class head by COCO category id, panoptic
-    ones their 251-row head by COCO panoptic category id; this is the row to take for each of
-    the model's classes. ``None`` when NUM_CLASSES is neither 80 nor 133.
-    """
-    if cfg.MODEL.DETR.NUM_CLASSES == 133:
-        return coco_panoptic_class_rows(cfg)
-    if cfg.MODEL.DETR.NUM_CLASSES != 80:
-        return None
-    for name in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
-        meta = MetadataCatalog.get(name)
-        if not meta.get("thing_dataset_id_to_contiguous_id") and name in DatasetCatalog.list():
-            DatasetCatalog.get(name)  # COCO-json datasets set the id mapping when loaded
-        mapping = meta.get("thing_dataset_id_to_contiguous_id")
-        if mapping and len(mapping) == 80:
-            return [dataset_id for dataset_id, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
-    coco = MetadataCatalog.get("coco_2017_val")  # Detectron2's builtin COCO metadata
-    mapping = coco.thing_dataset_id_to_contiguous_id
-    return [dataset_id for dataset_id, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+    """COCO category id of each class, when the model has Detectron2's 80 COCO classes (rows of
+    an official 92-row head) or its 133 COCO panoptic classes (rows of a 251-row head); ``None``
+    for other class counts."""
+    rows = {80: OFFICIAL_DETECTION_ROWS, 133: OFFICIAL_PANOPTIC_ROWS}.get(cfg.MODEL.DETR.NUM_CLASSES)
+    return official_class_rows(layout_from_cfg(cfg), rows) if rows else None
