@@ -20,6 +20,7 @@ __all__ = [
     "ClassLayout",
     "layout_from_cfg",
     "layout_of_metadata",
+    "official_coco_layout",
     "official_class_rows",
     "set_layout_keys",
 ]
@@ -158,6 +159,15 @@ def _builtin_coco_layout(num_classes: int) -> Optional[ClassLayout]:
     return ClassLayout(layout.names, layout.is_thing, layout.dataset_ids, f"Detectron2's {name!r}")
 
 
+def official_coco_layout(num_classes: int) -> ClassLayout:
+    """The COCO layout of an official class count: 80 / 133 (Detectron2's contiguous COCO and
+    COCO panoptic classes) or 91 / 250 (the official heads' id-indexed ones)."""
+    layout = _builtin_coco_layout(num_classes) or _official_layout(num_classes)
+    if layout is None:
+        raise ValueError(f"No official COCO class layout has {num_classes} classes (80, 91, 133, 250).")
+    return layout
+
+
 def _hand_keys(cfg: CfgNode, num_classes: int) -> Dict[str, list]:
     """The ``MODEL.DETR.CLASS_*`` keys that are set, each checked to have one entry per class."""
     detr = cfg.MODEL.DETR
@@ -194,7 +204,7 @@ def layout_from_cfg(cfg: CfgNode) -> ClassLayout:
     given = _hand_keys(cfg, num_classes)
     found = _dataset_layout(cfg, num_classes)
     if found is None and num_classes:
-        found = _builtin_coco_layout(num_classes) or _official_layout(num_classes)
+        found = _builtin_coco_layout(num_classes) or _official_layout(num_classes)  # or None
     if found is None:
         count = num_classes or (len(next(iter(given.values()))) if given else 0)
         if not count:
