@@ -10,7 +10,7 @@ the registered datasets of ``DATASETS.TEST`` / ``DATASETS.TRAIN``, the official 
 """
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
