@@ -3,5 +3,19 @@
 from . import modeling
 from .checkpoint import DetrCheckpointer, convert_official_state_dict, safe_torch_load
 from .config import add_detr_config
+from .layout import ClassLayout, layout_from_cfg
 
-__all__ = ["add_detr_config", "DetrCheckpointer", "convert_official_state_dict", "modeling", "safe_torch_load"]
+from .compat import apply_upstream_workarounds
+
+__all__ = [
+    "ClassLayout",
+    "DetrCheckpointer",
+    "add_detr_config",
+    "convert_official_state_dict",
+    "layout_from_cfg",
+    "modeling",
+    "safe_torch_load",
+]
+
+# Official DETR files through Detectron2's own checkpointers (see detr_d2/compat.py).
+apply_upstream_workarounds()

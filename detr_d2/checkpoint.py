@@ -23,6 +23,8 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from iopath.common.file_io import get_cache_dir
 
+from .layout import ClassLayout, official_class_rows
+
 logger = logging.getLogger(__name__)
 
 OFFICIAL_URL_PREFIX = "https://dl.fbaipublicfiles.com/detr/"
@@ -113,6 +115,68 @@ def convert_official_state_dict(
     return converted, report
 
 
+def official_head_rows(state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
+    """Rows of an official state dict's class head (92 COCO, 251 COCO panoptic), if it has one."""
+    for key in ("class_embed.weight", "detr.class_embed.weight"):
+        if key in state_dict:
+            return int(state_dict[key].shape[0])
+    return None
+
+
+def convert_official_for_model(
+    state_dict: Dict[str, torch.Tensor], model: torch.nn.Module, layout: ClassLayout
+) -> "OrderedDict[str, torch.Tensor]":
+    """An official state dict in ``model``'s layout: keys renamed, the class head remapped to the
+    classes of ``layout`` when they are COCO categories of that head (see
+    :func:`~detr_d2.layout.official_class_rows`), and heads that still do not fit dropped with
+    one log line each (they keep their fresh initialisation)."""
+    rows = official_head_rows(state_dict)
+    class_rows = None
+    if rows is not None and rows != layout.num_classes + 1:
+        class_rows = official_class_rows(layout, rows)
+    converted, report = convert_official_state_dict(state_dict, layout.num_classes, class_rows)
+    counts = Counter({k: len(v) for k, v in report.items()})
+    logger.info(
+        "Converted an official DETR checkpoint: " + ", ".join(f"{n} {k}" for k, n in counts.items())
+    )
+    for line in report["remapped"]:
+        logger.info(f"Remapped class head to the model's classes ({layout.source}): {line}")
+    drop_mismatched_heads(converted, model.state_dict())
+    return converted
+
+
+def drop_mismatched_heads(
+    state_dict: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]
+) -> None:
+    """Drop (so they keep their fresh initialisation) the class head and query embeddings of
+    ``state_dict`` when their sizes differ from the model's ``own``, with one log line each."""
+    checks = [
+        ("class_embed", ("class_embed.weight", "class_embed.bias"), "classes", 1),
+        ("query_embed", ("query_embed.weight",), "queries", 0),
+    ]
+    for head, keys, what, extra in checks:
+        shapes = {k: tuple(state_dict[k].shape) for k in keys if k in state_dict and k in own}
+        if any(shapes[k] != tuple(own[k].shape) for k in shapes):
+            ckpt_n = shapes[keys[0]][0] - extra
+            model_n = own[keys[0]].shape[0] - extra
+            for k in keys:
+                state_dict.pop(k, None)
+            key = "NUM_CLASSES" if what == "classes" else "NUM_OBJECT_QUERIES"
+            logger.info(
+                f"Re-initialised {head}: the checkpoint has {ckpt_n} {what}, the model "
+                f"{model_n} (MODEL.DETR.{key})."
+            )
+
+
+def stored_class_layout(path: str) -> Optional[ClassLayout]:
+    """The class layout a detr_d2 checkpoint was saved with (``None`` for other files)."""
+    if not path or re.match(r"^https?://", path) or not os.path.isfile(path):
+        return None
+    loaded = safe_torch_load(path)
+    stored = loaded.get("class_layout") if isinstance(loaded, dict) else None
+    return ClassLayout.from_dict(stored) if stored else None
+
+
 def download_weights(url: str, cache_dir: Optional[str] = None, timeout: float = 15.0) -> str:
     """Download ``url`` once into Detectron2's (iopath's) cache and return the local path.
 
@@ -167,17 +231,17 @@ def _atomic_write(path: str, write) -> None:
 
 
 class DetrCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that loads official DETR files and loads everything safely.
+    """``DetectionCheckpointer`` that loads everything safely, URLs included, writes atomically,
+    and saves the model's class layout beside its weights (``"class_layout"``), so a model
+    directory is enough to predict with the right class names.
 
-    Args:
-        class_rows: see :func:`convert_official_state_dict`; set it when the model's classes are
-            a subset of the checkpoint's (e.g. the 80 COCO classes of a 92-row head).
-    Other arguments are those of ``DetectionCheckpointer``.
+    Official DETR files are converted by the model itself (``Detr.convert_checkpoint_state_dict``),
+    so they load the same way through Detectron2's own ``DetectionCheckpointer``.
+    Arguments are those of ``DetectionCheckpointer``.
     """
 
-    def __init__(self, model, save_dir: str = "", *, class_rows: Optional[Sequence[int]] = None, **kwargs):
+    def __init__(self, model, save_dir: str = "", **kwargs):
         super().__init__(model, save_dir, **kwargs)
-        self.class_rows = class_rows
         # what ``save`` writes as "model": the model's state dict, or e.g. its weight EMA
         self.saved_model_state = None
 
@@ -190,6 +254,9 @@ class DetrCheckpointer(DetectionCheckpointer):
         data = {"model": (self.saved_model_state or self.model.state_dict)()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
+        layout = getattr(self._unwrapped_model(), "class_layout", None)
+        if layout is not None:
+            data["class_layout"] = layout.to_dict()
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
@@ -210,44 +277,17 @@ class DetrCheckpointer(DetectionCheckpointer):
         loaded = safe_torch_load(f)
         if isinstance(loaded, dict) and is_official_detr_state_dict(loaded.get("model", loaded)):
             # keep only the weights: the official optimizer/scheduler states do not apply here
-            return {"model": loaded.get("model", loaded), "__official_detr__": True}
+            return {"model": loaded.get("model", loaded)}
         return loaded
 
     def _load_model(self, checkpoint: Dict):
         model = self._unwrapped_model()
-        if checkpoint.pop("__official_detr__", False):
-            checkpoint["model"], report = convert_official_state_dict(
-                checkpoint["model"], model.num_classes, self.class_rows
-            )
-            counts = Counter({k: len(v) for k, v in report.items()})
-            logger.info(
-                "Converted an official DETR checkpoint: "
-                + ", ".join(f"{n} {k}" for k, n in counts.items())
-            )
-            for line in report["remapped"]:
-                logger.info(f"Remapped class head to the dataset's classes: {line}")
-        self._reinit_mismatched_heads(checkpoint["model"], model)
+        convert = getattr(model, "convert_checkpoint_state_dict", None)
+        if convert is not None:
+            checkpoint["model"] = convert(checkpoint["model"])
+        # our own checkpoints of another class or query count (fine-tuning a detr_d2 model)
+        drop_mismatched_heads(checkpoint["model"], model.state_dict())
         return super()._load_model(checkpoint)
 
     def _unwrapped_model(self):
         return getattr(self.model, "module", self.model)
-
-    def _reinit_mismatched_heads(self, state_dict: Dict[str, torch.Tensor], model) -> None:
-        """Drop (so they keep their fresh initialisation) the class head and query embeddings
-        when their sizes differ from the model's, with one clear log line each."""
-        own = model.state_dict()
-        checks = [
-            ("class_embed", ("class_embed.weight", "class_embed.bias"), "classes", 1),
-            ("query_embed", ("query_embed.weight",), "queries", 0),
-        ]
-        for head, keys, what, extra in checks:
-            shapes = {k: tuple(state_dict[k].shape) for k in keys if k in state_dict and k in own}
-            if any(shapes[k] != tuple(own[k].shape) for k in shapes):
-                ckpt_n = shapes[keys[0]][0] - extra
-                model_n = own[keys[0]].shape[0] - extra
-                for k in keys:
-                    state_dict.pop(k, None)
-                logger.info(
-                    f"Re-initialised {head}: the checkpoint has {ckpt_n} {what}, the model "
-                    f"{model_n} (MODEL.DETR.{'NUM_CLASSES' if what == 'classes' else 'NUM_OBJECT_QUERIES'})."
-                )

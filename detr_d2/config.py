@@ -8,7 +8,16 @@ def add_detr_config(cfg: CN) -> None:
     # Backbone output fed to the transformer (the last, stride-32 or DC5 stride-16 map).
     cfg.MODEL.DETR.IN_FEATURE = "res5"
     # Number of object classes K; the head predicts K + 1 logits, the last one is "no object".
+    # 0: the training set's categories (those its annotations use), logged at start.
     cfg.MODEL.DETR.NUM_CLASSES = 80
+    # Class layout (detr_d2/layout.py), one entry per class; empty: from the registered datasets
+    # of DATASETS.TEST/TRAIN, else the official COCO layouts (80, 91, 133, 250 classes).
+    # Name of each class, as drawn and written by tools/predict.py.
+    cfg.MODEL.DETR.CLASS_NAMES = []
+    # True for a thing (instances), False for stuff (panoptic only); needed by MASK_ON models.
+    cfg.MODEL.DETR.CLASS_IS_THING = []
+    # Dataset category id of each class: the row of an official (COCO-id indexed) head it takes.
+    cfg.MODEL.DETR.CLASS_DATASET_IDS = []
     # Number of object queries N (paper Sec. 3.2); official checkpoints use 100.
     cfg.MODEL.DETR.NUM_OBJECT_QUERIES = 100
     # Transformer width d (paper Sec. 3.2).

@@ -13,8 +13,10 @@ from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 
 from .checkpoint import DetrCheckpointer
-from .data import DetrDatasetMapper, coco_class_rows, drop_degenerate_boxes
+from .data import DetrDatasetMapper, drop_degenerate_boxes
+from .data.categories import check_labels_fit
 from .ema import EMAHook, unwrap
+from .layout import layout_from_cfg, set_layout_keys
 from .evaluation import EVALUATORS, coco_evaluators, cocoeval_class
 from .model_report import log_model_report
 from .modeling.inference_graph import inference_model
@@ -56,7 +58,17 @@ def resolve_num_workers(cfg: CfgNode) -> int:
 
 def build_checkpointer(cfg: CfgNode, model, **checkpointables) -> DetrCheckpointer:
     """The checkpointer every entry point uses, so official files load the same way everywhere."""
-    return DetrCheckpointer(model, cfg.OUTPUT_DIR, class_rows=coco_class_rows(cfg), **checkpointables)
+    return DetrCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
+
+
+def resolve_class_layout(cfg: CfgNode) -> None:
+    """Write the model's class layout (and for ``NUM_CLASSES 0`` the count) into the unfrozen
+    ``cfg``, after the datasets are registered, so that the ``config.yaml`` of a run builds the
+    same model where the datasets are not available."""
+    layout = layout_from_cfg(cfg)
+    set_layout_keys(cfg, layout)
+    logger.info(f"Class layout ({layout.source}): {layout.num_classes} classes, {', '.join(layout.names[:10])}"
+                + (", ..." if layout.num_classes > 10 else ""))
 
 
 class _NonFiniteLossCheck:
@@ -214,6 +226,8 @@ class DetrTrainer(DefaultTrainer):
         (exposed as ``loader.resumable_sampler``)."""
         dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
         dataset = drop_degenerate_boxes(dataset, ", ".join(cfg.DATASETS.TRAIN))
+        layout = layout_from_cfg(cfg)
+        check_labels_fit(dataset, layout.num_classes, ", ".join(cfg.DATASETS.TRAIN))
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
         sampler = ResumableTrainingSampler(len(dataset), seed=seed)
         loader = build_detection_train_loader(

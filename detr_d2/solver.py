@@ -1,5 +1,5 @@
 """DETR's optimizer: AdamW, lower backbone LR, gradient-norm clipping over the whole model."""
-from typing import Type
+from typing import Dict, List, Type
 
 import torch
 from detectron2.config import CfgNode
@@ -11,13 +11,39 @@ def optimizer_param_groups(cfg: CfgNode, model: torch.nn.Module):
     """Parameter groups: ``SOLVER.BASE_LR`` everywhere, times ``SOLVER.BACKBONE_MULTIPLIER`` for
     the backbone; frozen parameters are left out. Weight decay ``SOLVER.WEIGHT_DECAY``, on norm
     layers ``SOLVER.WEIGHT_DECAY_NORM`` (the official recipe decays every parameter alike)."""
-    multiplier = cfg.SOLVER.BACKBONE_MULTIPLIER
-    return get_default_optimizer_params(
+    return detr_param_groups(
         model,
         base_lr=cfg.SOLVER.BASE_LR,
         weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
-        lr_factor_func=lambda name: multiplier if name.startswith("backbone.") else 1.0,
+        backbone_multiplier=cfg.SOLVER.BACKBONE_MULTIPLIER,
+    )
+
+
+def detr_param_groups(
+    model: torch.nn.Module,
+    *,
+    base_lr: float,
+    weight_decay: float,
+    weight_decay_norm: float,
+    backbone_multiplier: float,
+) -> List[Dict]:
+    """:func:`optimizer_param_groups` from explicit values (LazyConfigs set ``model``)."""
+    return get_default_optimizer_params(
+        model,
+        base_lr=base_lr,
+        weight_decay=weight_decay,
+        weight_decay_norm=weight_decay_norm,
+        lr_factor_func=lambda name: backbone_multiplier if name.startswith("backbone.") else 1.0,
+    )
+
+
+def clipped_adamw(
+    params: List[Dict], *, lr: float, weight_decay: float, max_norm: float, norm_type: float = 2.0
+) -> torch.optim.Optimizer:
+    """The official optimizer: AdamW whose step first clips the whole model's gradient norm."""
+    return _with_full_model_clipping(torch.optim.AdamW, max_norm, norm_type)(
+        params, lr=lr, weight_decay=weight_decay
     )
 
 

@@ -153,6 +153,7 @@ def segm_cfg(**detr):
     """:func:`tiny_cfg` with the mask head (backbone outputs res2..res5)."""
     cfg = tiny_cfg(**detr)
     cfg.MODEL.MASK_ON = True
+    cfg.MODEL.DETR.CLASS_IS_THING = [True] * cfg.MODEL.DETR.NUM_CLASSES  # a mask model needs it
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     return cfg
 

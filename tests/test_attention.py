@@ -236,7 +236,7 @@ def test_visualize_tool_end_to_end(tool_setup):
         decoder = [
             n
             for n in names
-            if re.fullmatch(rf"{stem}_top0[0-2]_class[0-2]_0\.\d\d_dec-layer1-avg\.png", n)
+            if re.fullmatch(rf"{stem}_top0[0-2]_class-[0-2]_0\.\d\d_dec-layer1-avg\.png", n)
         ]
         encoder = [n for n in names if re.fullmatch(rf"{stem}_enc_x\d+_y\d+_layer1\.png", n)]
         assert len(decoder) == 3 and len(encoder) == 4, names
@@ -281,7 +281,7 @@ def test_visualize_tool_options(tool_setup):
     assert [n for n in names if "_dec-" in n] == [
         n
         for n in names
-        if re.fullmatch(r"wide_det0[01]_class[0-2]_0\.\d\d_dec-layer0-head3\.png", n)
+        if re.fullmatch(r"wide_det0[01]_class-[0-2]_0\.\d\d_dec-layer0-head3\.png", n)
     ]
     assert len([n for n in names if "_dec-" in n]) == 2
     assert (

@@ -119,6 +119,7 @@ def test_report_survives_failing_flops(frozen_at_2, monkeypatch, caplog):
 def test_report_with_mask_head():
     cfg = tiny_cfg()
     cfg.MODEL.MASK_ON = True
+    cfg.MODEL.DETR.CLASS_IS_THING = [True] * cfg.MODEL.DETR.NUM_CLASSES
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.INPUT.MIN_SIZE_TEST = 64
     cfg.INPUT.MAX_SIZE_TEST = 96

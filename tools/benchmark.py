@@ -32,13 +32,13 @@ from typing import List, Optional
 
 import torch
 from detectron2.config import get_cfg
-from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from detr_d2 import add_detr_config
 from detr_d2.benchmark import TASKS, markdown_table, run_benchmark
 from detr_d2.data import register_datasets_from_cfg
-from detr_d2.engine import build_checkpointer, resolve_device
+from detr_d2.engine import resolve_device
+from detr_d2.predictor import DetrPredictor
 
 logger = logging.getLogger("detr_d2.benchmark")
 
@@ -96,10 +96,8 @@ def setup(args: argparse.Namespace):
 
 
 def load_model(cfg) -> torch.nn.Module:
-    model = build_model(cfg)
-    if cfg.MODEL.WEIGHTS:
-        build_checkpointer(cfg, model).load(cfg.MODEL.WEIGHTS)
-    return model
+    """The model as every tool loads it (:class:`DetrPredictor`); random weights without any."""
+    return DetrPredictor(cfg, load_weights=bool(cfg.MODEL.WEIGHTS)).model
 
 
 def main(argv: Optional[List[str]] = None) -> Optional[dict]:

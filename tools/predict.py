@@ -15,8 +15,9 @@ For each image, OUTPUT/<name>.png shows the panoptic segmentation (models with
 and masks with ``MODEL.MASK_ON``); ``--mode`` chooses explicitly. OUTPUT/predictions.json holds,
 per image, the drawn instances (xyxy boxes in pixels, scores, classes, RLE masks) or the
 panoptic ``segments_info``, whose segment ids are stored in OUTPUT/<name>_panoptic.png (COCO
-panoptic format, id = R + 256 G + 256^2 B). Class names come from the metadata of
-``DATASETS.TEST[0]`` (or ``--dataset``). Runs on CPU when no GPU is present. Arguments after
+panoptic format, id = R + 256 G + 256^2 B). Class names are the model's
+(``MODEL.DETR.CLASS_NAMES``, the config's datasets, or the layout saved in a detr_d2
+checkpoint). Runs on CPU when no GPU is present. Arguments after
 the options are config overrides (``KEY VALUE`` pairs).
 """
 
@@ -29,27 +30,16 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import pycocotools.mask as mask_util
-import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import MetadataCatalog
-from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
-from detectron2.data.catalog import Metadata
-from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 from tqdm import tqdm
 
 from detr_d2 import add_detr_config
-from detr_d2.data import register_datasets_from_cfg
-from detr_d2.data.augmentation import build_detr_augmentation
-from detr_d2.engine import build_checkpointer, resolve_device
-from detr_d2.modeling.inference_graph import inference_model
+from detr_d2.predictor import DetrPredictor, list_images
 
 logger = logging.getLogger("detr_d2.predict")
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -80,11 +70,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--scale", type=float, default=1.0, help="size of the drawings relative to the images"
     )
-    parser.add_argument(
-        "--dataset",
-        default=None,
-        help="dataset whose class names label the drawing (default: DATASETS.TEST[0])",
-    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     return parser.parse_args(argv)
 
@@ -98,50 +83,7 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
         cfg.MODEL.DETR.TEST.PANOPTIC_ON = True
     elif args.mode == "instances":
         cfg.MODEL.DETR.TEST.INSTANCE_ON = True
-    resolve_device(cfg)
-    cfg.freeze()
-    try:
-        register_datasets_from_cfg(cfg)
-    except FileNotFoundError as e:
-        # only the class names come from the datasets; predicting needs none of their files
-        logger.warning(
-            f"Datasets of the config are not available ({e}); using generic class names."
-        )
     return cfg
-
-
-def collect_images(inputs: List[str]) -> List[str]:
-    """Image files named directly, plus the images of each named folder (sorted)."""
-    paths = []
-    for item in inputs:
-        if os.path.isdir(item):
-            names = sorted(n for n in os.listdir(item) if n.lower().endswith(IMAGE_EXTENSIONS))
-            paths += [os.path.join(item, n) for n in names]
-        elif os.path.isfile(item):
-            paths.append(item)
-        else:
-            raise FileNotFoundError(f"--input {item}: no such file or folder")
-    if not paths:
-        raise FileNotFoundError(
-            f"--input {inputs}: no images found (extensions {IMAGE_EXTENSIONS})"
-        )
-    return paths
-
-
-def class_metadata(cfg: CfgNode, dataset: Optional[str]) -> Metadata:
-    """The dataset's metadata when its classes match the model's, else generic names."""
-    num_classes = cfg.MODEL.DETR.NUM_CLASSES
-    name = dataset or (cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else None)
-    if name:
-        meta = MetadataCatalog.get(name)
-        stuff, things = meta.get("stuff_classes"), meta.get("thing_classes") or []
-        if stuff and len(stuff) == num_classes:  # panoptic layout: one id space for all classes
-            return meta
-        if not stuff and len(things) == num_classes:  # detection dataset
-            return Metadata(name=name, thing_classes=things, stuff_classes=things)
-    generic = [f"class {i}" for i in range(num_classes)]
-    logger.info(f"No dataset metadata with {num_classes} classes; labelling classes by index.")
-    return Metadata(name="detr_d2_predict", thing_classes=generic, stuff_classes=generic)
 
 
 def instances_record(instances, threshold: float, names: List[str]) -> Dict:
@@ -152,7 +94,7 @@ def instances_record(instances, threshold: float, names: List[str]) -> Dict:
         label = int(instances.pred_classes[i])
         record = {
             "category_id": label,
-            "category_name": names[label] if label < len(names) else str(label),
+            "category_name": names[label] if label < len(names) else f"class {label}",
             "score": round(float(instances.scores[i]), 5),
             "bbox_xyxy": [round(float(v), 2) for v in instances.pred_boxes.tensor[i]],
         }
@@ -173,25 +115,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.mode == "panoptic" and not cfg.MODEL.MASK_ON:
         raise ValueError("--mode panoptic needs a model with masks (MODEL.MASK_ON True).")
     panoptic = args.mode == "panoptic" or (args.mode == "auto" and cfg.MODEL.DETR.TEST.PANOPTIC_ON)
-    model = build_model(cfg).eval()
-    build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
-    model = inference_model(model, cfg)
-    augmentation = T.AugmentationList(build_detr_augmentation(cfg, is_train=False))
-    metadata = class_metadata(cfg, args.dataset)
-    paths = collect_images(args.input)
+    predictor = DetrPredictor(cfg)
+    metadata, names = predictor.metadata, predictor.class_names
+    paths = list_images(args.input)
     os.makedirs(args.output, exist_ok=True)
 
     results, used = [], set()
     for path in tqdm(paths, desc="predict", unit="image", disable=len(paths) < 2):
-        image = utils.read_image(path, format=cfg.INPUT.FORMAT)
-        aug_input = T.AugInput(image)
-        augmentation(aug_input)
-        tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
-        with torch.no_grad():
-            output = model([{"image": tensor, "height": image.shape[0], "width": image.shape[1]}])[
-                0
-            ]
-        rgb = image[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else image
+        image = predictor.read_image(path)
+        output = predictor(image)
+        rgb = predictor.to_rgb(image)
         visualizer = Visualizer(rgb, metadata, scale=args.scale, instance_mode=ColorMode.IMAGE)
         stem = os.path.splitext(os.path.basename(path))[0]
         while stem in used:  # same file name in two folders
@@ -213,16 +146,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             ids = segment_ids.numpy().astype(np.int64)
             id_png = np.stack([(ids >> (8 * c)) & 255 for c in range(3)], -1).astype(np.uint8)
             Image.fromarray(id_png).save(os.path.join(args.output, f"{stem}_panoptic.png"))
-            names = metadata.stuff_classes
             record.update(
                 panoptic_png=f"{stem}_panoptic.png",
                 segments_info=[
-                    dict(info, category_name=names[info["category_id"]]) for info in segments_info
+                    dict(info, category_name=predictor.class_name(info["category_id"])) for info in segments_info
                 ],
             )
         else:
             fields, instances = instances_record(
-                output["instances"].to("cpu"), args.score_threshold, metadata.thing_classes
+                output["instances"].to("cpu"), args.score_threshold, names
             )
             drawn = visualizer.draw_instance_predictions(instances)
             record.update(fields)

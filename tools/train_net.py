@@ -7,16 +7,20 @@
     python tools/train_net.py --config-file configs/detr_face_sample.yaml --resume
     python tools/train_net.py --config-file configs/detr_r50.yaml --num-gpus 8
 
-Arguments after the options are config overrides (``KEY VALUE`` pairs).
+Arguments after the options are config overrides (``KEY VALUE`` pairs). ``MODEL.DETR.NUM_CLASSES 0``
+takes the class count from the training set's categories.
 """
+import os
+
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
 from detr_d2 import add_detr_config
 from detr_d2.data import register_datasets_from_cfg
-from detr_d2.engine import DetrTrainer, build_checkpointer, resolve_device
+from detr_d2.engine import DetrTrainer, build_checkpointer, resolve_class_layout, resolve_device
 
 
 def setup(args):
@@ -28,8 +32,13 @@ def setup(args):
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="detr_d2")
     resolve_device(cfg)
-    cfg.freeze()
     register_datasets_from_cfg(cfg)
+    resolve_class_layout(cfg)  # NUM_CLASSES 0 and the class names, checked against the data
+    if comm.is_main_process() and cfg.OUTPUT_DIR:
+        # default_setup wrote config.yaml before the layout was known: write the resolved one
+        with PathManager.open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+    cfg.freeze()
     return cfg
 
 

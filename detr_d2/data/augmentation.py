@@ -10,7 +10,7 @@ the augmentations here restate the official rules and emit plain Detectron2 tran
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from detectron2.config import CfgNode
@@ -162,44 +162,57 @@ class RandomSelect(T.Augmentation):
 
 
 def build_detr_augmentation(cfg: CfgNode, is_train: bool) -> list[T.Augmentation]:
-    """The official ``make_coco_transforms`` pipeline (without normalisation) from ``cfg``.
+    """The official ``make_coco_transforms`` pipeline (without normalisation) from ``cfg``; see
+    :func:`detr_augmentations` (``INPUT.{MIN,MAX}_SIZE_{TRAIN,TEST}``, ``INPUT.RANDOM_FLIP``,
+    ``INPUT.CROP``)."""
+    if not is_train:
+        return detr_augmentations(is_train=False, min_size=[cfg.INPUT.MIN_SIZE_TEST], max_size=cfg.INPUT.MAX_SIZE_TEST)
+    crop = cfg.INPUT.CROP
+    if crop.ENABLED and crop.TYPE != "absolute_range":
+        # The official crop samples absolute side lengths; other types mean other things.
+        raise ValueError(f"DETR's crop needs INPUT.CROP.TYPE 'absolute_range', got {crop.TYPE!r}")
+    return detr_augmentations(
+        is_train=True,
+        min_size=cfg.INPUT.MIN_SIZE_TRAIN,
+        max_size=cfg.INPUT.MAX_SIZE_TRAIN,
+        flip=cfg.INPUT.RANDOM_FLIP,
+        crop_pre_resize=crop.PRE_RESIZE if crop.ENABLED else None,
+        crop_size=crop.SIZE if crop.ENABLED else None,
+    )
 
-    Train: random horizontal flip, then either a multi-scale resize, or (with
-    ``INPUT.CROP.ENABLED``, probability 0.5) resize to ``INPUT.CROP.PRE_RESIZE`` without a
-    size cap, random-size crop (``INPUT.CROP.SIZE`` = [min, max] side), multi-scale resize.
-    Test: resize the shorter side to ``INPUT.MIN_SIZE_TEST``, capped at ``INPUT.MAX_SIZE_TEST``.
-    Pixel normalisation is left to the model, as in Detectron2.
+
+def detr_augmentations(
+    *,
+    is_train: bool,
+    min_size: Sequence[int],
+    max_size: int,
+    flip: str = "horizontal",
+    crop_pre_resize: Optional[Sequence[int]] = None,
+    crop_size: Optional[Sequence[int]] = None,
+) -> list[T.Augmentation]:
+    """The official pipeline from explicit values (for LazyConfigs too).
+
+    Train: random flip, then either a multi-scale resize (shorter side one of ``min_size``,
+    longer side at most ``max_size``), or (with ``crop_pre_resize``, probability 0.5) resize to
+    one of ``crop_pre_resize`` without a size cap, random-size crop (``crop_size`` = [min, max]
+    side), multi-scale resize. Test: resize the shorter side to ``min_size[0]``, capped at
+    ``max_size``. Pixel normalisation is left to the model, as in Detectron2.
     """
     if not is_train:
-        return [DetrResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST)]
-
+        return [DetrResizeShortestEdge(list(min_size)[:1], max_size)]
     augs: list[T.Augmentation] = []
-    flip = cfg.INPUT.RANDOM_FLIP
     if flip != "none":
         if flip not in ("horizontal", "vertical"):
             raise ValueError(f"Unknown INPUT.RANDOM_FLIP: {flip!r}")
         augs.append(T.RandomFlip(horizontal=flip == "horizontal", vertical=flip == "vertical"))
-
-    def multi_scale() -> DetrResizeShortestEdge:
-        return DetrResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN)
-
-    if cfg.INPUT.CROP.ENABLED:
-        if cfg.INPUT.CROP.TYPE != "absolute_range":
-            # The official crop samples absolute side lengths; other types mean other things.
-            raise ValueError(
-                f"DETR's crop needs INPUT.CROP.TYPE 'absolute_range', got {cfg.INPUT.CROP.TYPE!r}"
-            )
-        min_crop, max_crop = cfg.INPUT.CROP.SIZE
-        augs.append(
-            RandomSelect(
-                multi_scale(),
-                [
-                    DetrResizeShortestEdge(cfg.INPUT.CROP.PRE_RESIZE),  # official: no max size
-                    RandomSizeCrop(min_crop, max_crop),
-                    multi_scale(),
-                ],
-            )
-        )
+    if crop_pre_resize:
+        min_crop, max_crop = crop_size
+        crop = [
+            DetrResizeShortestEdge(crop_pre_resize),  # official: no max size
+            RandomSizeCrop(min_crop, max_crop),
+            DetrResizeShortestEdge(min_size, max_size),
+        ]
+        augs.append(RandomSelect(DetrResizeShortestEdge(min_size, max_size), crop))
     else:
-        augs.append(multi_scale())
+        augs.append(DetrResizeShortestEdge(min_size, max_size))
     return augs

@@ -11,7 +11,7 @@ a dataset without any annotation (valid for negatives), boxes reaching outside t
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.data import MetadataCatalog
 from detectron2.structures import BoxMode
@@ -52,16 +52,30 @@ def _segmentation(ann: Dict, json_file: str, counts: Dict[str, int]) -> Optional
     return polygons or None
 
 
-def load_coco_detection_json(json_file: str, image_root: str, dataset_name: str) -> List[Dict]:
+def _check_number(value, what: str, json_file: str) -> None:
+    """Numbers given as strings ("480") fail naming the field, not deep inside a comparison."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        kind = "a string" if isinstance(value, str) else f"of type {type(value).__name__}"
+        raise ValueError(f"{json_file}: {what} is {value!r}, {kind}; expected a number.")
+
+
+def load_coco_detection_json(
+    json_file: str, image_root: str, dataset_name: str, category_ids: Optional[Sequence[int]] = None
+) -> List[Dict]:
     """COCO-format json -> Detectron2 dataset dicts (boxes ``XYWH_ABS``, contiguous category ids),
-    and the dataset's ``thing_classes`` / ``thing_dataset_id_to_contiguous_id`` metadata."""
+    and the dataset's ``thing_classes`` / ``thing_dataset_id_to_contiguous_id`` metadata.
+
+    ``category_ids``: the categories that become classes 0..K-1, in order (default: all, sorted);
+    an annotation of a category left out fails naming it.
+    """
     data = _read_json(json_file)
     categories = data["categories"]
     for cat in categories:
         _require(cat, ("id", "name"), "category", json_file)
-    cat_ids = sorted(cat["id"] for cat in categories)
-    if len(set(cat_ids)) != len(cat_ids):
+    all_ids = sorted(cat["id"] for cat in categories)
+    if len(set(all_ids)) != len(all_ids):
         raise ValueError(f"{json_file}: duplicate category ids in 'categories'.")
+    cat_ids = list(category_ids) if category_ids is not None else all_ids
     id_map = {cat_id: i for i, cat_id in enumerate(cat_ids)}
     names = {cat["id"]: cat["name"] for cat in categories}
 
@@ -73,6 +87,8 @@ def load_coco_detection_json(json_file: str, image_root: str, dataset_name: str)
         _require(image, ("id", "file_name"), "image", json_file)
         if image["id"] in records:
             raise ValueError(f"{json_file}: duplicate image id {image['id']}.")
+        for size in ("height", "width"):
+            _check_number(image.get(size), f"image id {image['id']} has {size!r}", json_file)
         records[image["id"]] = {
             "file_name": os.path.join(image_root, image["file_name"]),
             "height": image.get("height"),
@@ -88,10 +104,28 @@ def load_coco_detection_json(json_file: str, image_root: str, dataset_name: str)
         if ann["id"] in ann_ids:
             raise ValueError(f"{json_file}: duplicate annotation id {ann['id']}.")
         ann_ids.add(ann["id"])
+        if isinstance(ann["category_id"], str):
+            raise ValueError(
+                f"{json_file}: annotation id {ann['id']} has category_id {ann['category_id']!r}, a "
+                f"string; category ids are integers (write {ann['category_id']} without quotes)."
+            )
+        if ann["category_id"] in names and ann["category_id"] not in id_map:
+            raise ValueError(
+                f"{json_file}: annotation id {ann['id']} has category_id {ann['category_id']} "
+                f"({names[ann['category_id']]!r}), a category left out of the classes "
+                f"{cat_ids} (chosen by the training set and MODEL.DETR.NUM_CLASSES)."
+            )
+        iscrowd = ann.get("iscrowd", 0)
+        if isinstance(iscrowd, str) or iscrowd not in (0, 1):
+            kind = " (a string)" if isinstance(iscrowd, str) else ""
+            raise ValueError(
+                f"{json_file}: annotation id {ann['id']} has iscrowd {iscrowd!r}{kind}; "
+                "expected 0 or 1."
+            )
         if ann["category_id"] not in id_map:
             raise ValueError(
                 f"{json_file}: annotation id {ann['id']} (image id {ann['image_id']}) has category_id "
-                f"{ann['category_id']}, which is not in 'categories' (ids {cat_ids[:10]}{'...' if len(cat_ids) > 10 else ''})."
+                f"{ann['category_id']}, which is not in 'categories' (ids {all_ids[:10]}{'...' if len(all_ids) > 10 else ''})."
             )
         bbox = ann["bbox"]
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
@@ -107,7 +141,7 @@ def load_coco_detection_json(json_file: str, image_root: str, dataset_name: str)
             "bbox": bbox,
             "bbox_mode": BoxMode.XYWH_ABS,
             "category_id": id_map[ann["category_id"]],
-            "iscrowd": ann.get("iscrowd", 0),
+            "iscrowd": int(iscrowd),
             "id": ann["id"],
         }
         segm = _segmentation(ann, json_file, counts)

@@ -7,9 +7,11 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from .categories import choose_categories, read_categories
 from .coco_json import load_coco_detection_json
 from .registration import needs_registration
-from .panoptic import coco_panoptic_class_rows, register_coco_panoptic_from_cfg
+from ..layout import OFFICIAL_DETECTION_ROWS, OFFICIAL_PANOPTIC_ROWS, layout_from_cfg, official_class_rows
+from .panoptic import register_coco_panoptic_from_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -20,20 +22,40 @@ def register_datasets_from_cfg(cfg: CfgNode) -> List[str]:
     :func:`~detr_d2.data.panoptic.register_coco_panoptic_from_cfg`).
 
     Missing files fail here, naming the path and the config key, rather than later inside the
-    data loader. Registering the same name again with the same files is a no-op (each process
-    of a multi-GPU run calls this).
+    data loader. The categories that become classes are chosen now against
+    ``MODEL.DETR.NUM_CLASSES`` (:func:`~detr_d2.data.categories.choose_categories`, decided by
+    the training set and kept for the other sets that have those ids), and set in the metadata,
+    so the model's class layout is known before any data is loaded. Registering the same name
+    again with the same files is a no-op (each process of a multi-GPU run calls this).
     """
     names = register_coco_panoptic_from_cfg(cfg)  # DATASETS.REGISTER_COCO_PANOPTIC
+    pending = []
     for i, entry in enumerate(cfg.DATASETS.REGISTER_COCO):
         key = f"DATASETS.REGISTER_COCO[{i}]"
         if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and all(isinstance(x, str) for x in entry)):
             raise ValueError(f"{key} must be [name, json_file, image_root] (three strings), got {entry!r}.")
         name, json_file, image_root = entry
         files = [("annotation file", json_file, "file"), ("image folder", image_root, "folder")]
-        if not needs_registration(key, name, files, {"json_file": json_file, "image_root": image_root}):
-            continue
-        DatasetCatalog.register(name, functools.partial(load_coco_detection_json, json_file, image_root, name))
-        MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
+        if needs_registration(key, name, files, {"json_file": json_file, "image_root": image_root}):
+            pending.append((name, json_file, image_root, read_categories(json_file, f"{name!r} ({json_file})")))
+    num_classes = cfg.MODEL.DETR.NUM_CLASSES
+    train = [p for p in pending if p[0] in cfg.DATASETS.TRAIN]
+    chosen = choose_categories(train[0][3], num_classes) if train else None
+    for name, json_file, image_root, summary in pending:
+        if chosen is None or not set(chosen) <= set(summary.names):
+            ids = choose_categories(summary, num_classes or len(chosen or ()))
+        else:
+            ids = chosen
+        DatasetCatalog.register(
+            name, functools.partial(load_coco_detection_json, json_file, image_root, name, category_ids=ids)
+        )
+        MetadataCatalog.get(name).set(
+            json_file=json_file,
+            image_root=image_root,
+            evaluator_type="coco",
+            thing_classes=[summary.names[i] for i in ids],
+            thing_dataset_id_to_contiguous_id={cid: c for c, cid in enumerate(ids)},
+        )
         names.append(name)
         logger.info(f"Registered COCO-format dataset {name!r}: {json_file}, images in {image_root}")
     return names
@@ -69,24 +91,8 @@ def drop_degenerate_boxes(dataset_dicts: List[Dict], dataset_name: str = "") -> 
 
 
 def coco_class_rows(cfg: CfgNode) -> Optional[List[int]]:
-    """Dataset category id of each contiguous class, when the model has COCO's 80 classes (or
-    COCO panoptic's 133, see :func:`~detr_d2.data.panoptic.coco_panoptic_class_rows`).
-
-    Official detection checkpoints index their 92-row class head by COCO category id, panoptic
-    ones their 251-row head by COCO panoptic category id; this is the row to take for each of
-    the model's classes. ``None`` when NUM_CLASSES is neither 80 nor 133.
-    """
-    if cfg.MODEL.DETR.NUM_CLASSES == 133:
-        return coco_panoptic_class_rows(cfg)
-    if cfg.MODEL.DETR.NUM_CLASSES != 80:
-        return None
-    for name in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
-        meta = MetadataCatalog.get(name)
-        if not meta.get("thing_dataset_id_to_contiguous_id") and name in DatasetCatalog.list():
-            DatasetCatalog.get(name)  # COCO-json datasets set the id mapping when loaded
-        mapping = meta.get("thing_dataset_id_to_contiguous_id")
-        if mapping and len(mapping) == 80:
-            return [dataset_id for dataset_id, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
-    coco = MetadataCatalog.get("coco_2017_val")  # Detectron2's builtin COCO metadata
-    mapping = coco.thing_dataset_id_to_contiguous_id
-    return [dataset_id for dataset_id, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+    """COCO category id of each class, when the model has Detectron2's 80 COCO classes (rows of
+    an official 92-row head) or its 133 COCO panoptic classes (rows of a 251-row head); ``None``
+    for other class counts."""
+    rows = {80: OFFICIAL_DETECTION_ROWS, 133: OFFICIAL_PANOPTIC_ROWS}.get(cfg.MODEL.DETR.NUM_CLASSES)
+    return official_class_rows(layout_from_cfg(cfg), rows) if rows else None

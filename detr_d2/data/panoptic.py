@@ -20,11 +20,11 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BitMasks, Boxes, Instances
 
+from ..layout import layout_from_cfg
 from .registration import needs_registration
 
 __all__ = [
     "OFFICIAL_PANOPTIC_NUM_CLASSES",
-    "coco_panoptic_class_rows",
     "load_coco_panoptic",
     "panoptic_metadata",
     "panoptic_to_instances",
@@ -37,11 +37,6 @@ logger = logging.getLogger(__name__)
 
 # Classes of the official panoptic checkpoints' own layout (logit i = COCO panoptic id i).
 OFFICIAL_PANOPTIC_NUM_CLASSES = 250
-# In that layout, ids up to 90 are things (official PostProcessPanoptic's is_thing_map).
-OFFICIAL_LAST_THING_ID = 90
-COCO_PANOPTIC_NUM_CLASSES = 133
-# Detectron2's builtin standard COCO panoptic registration (its metadata needs no files).
-_BUILTIN_COCO_PANOPTIC = "coco_2017_val_panoptic"
 _KEY = "DATASETS.REGISTER_COCO_PANOPTIC"
 
 
@@ -51,64 +46,11 @@ def rgb2id(color: np.ndarray) -> np.ndarray:
     return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
 
 
-def _panoptic_layout(meta) -> Optional[Dict[str, Dict[int, int]]]:
-    """The thing and stuff id maps of a dataset's metadata if they form one contiguous range
-    (the standard layout), else None (no panoptic metadata, or the "separated" layout)."""
-    things = meta.get("thing_dataset_id_to_contiguous_id")
-    stuff = meta.get("stuff_dataset_id_to_contiguous_id")
-    if not things or not stuff:
-        return None
-    ids = sorted(list(things.values()) + list(stuff.values()))
-    if ids != list(range(len(ids))):
-        return None
-    return {"things": dict(things), "stuff": dict(stuff)}
-
-
-def _datasets_of(cfg: CfgNode) -> List[str]:
-    return list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
-
-
 def thing_ids_from_cfg(cfg: CfgNode) -> Optional[List[int]]:
-    """The model's classes that are things, or None when every class is a thing.
-
-    - ``NUM_CLASSES`` 250: the official checkpoints' own layout, ids <= 90 are things;
-    - a dataset of ``DATASETS.TEST``/``TRAIN`` with a standard panoptic layout of
-      ``NUM_CLASSES`` classes: its thing classes;
-    - otherwise (detection datasets) None.
-    """
-    num_classes = cfg.MODEL.DETR.NUM_CLASSES
-    if num_classes == OFFICIAL_PANOPTIC_NUM_CLASSES:
-        return list(range(OFFICIAL_LAST_THING_ID + 1))
-    for name in _datasets_of(cfg):
-        meta = MetadataCatalog.get(name)
-        layout = _panoptic_layout(meta)
-        if layout is not None and len(layout["things"]) + len(layout["stuff"]) == num_classes:
-            return sorted(layout["things"].values())
-        if meta.get("stuff_dataset_id_to_contiguous_id") and cfg.MODEL.DETR.TEST.PANOPTIC_ON:
-            raise ValueError(
-                f"Dataset {name!r} has no contiguous thing+stuff class layout of "
-                f"MODEL.DETR.NUM_CLASSES={num_classes} classes (Detectron2's "
-                "'*_panoptic_separated' datasets number stuff separately). Use the standard "
-                "registration, e.g. 'coco_2017_val_panoptic' with NUM_CLASSES 133, or set "
-                "NUM_CLASSES to the dataset's thing + stuff count."
-            )
-    return None
-
-
-def coco_panoptic_class_rows(cfg: CfgNode) -> Optional[List[int]]:
-    """COCO panoptic category id of each of the 133 contiguous classes (the rows of an official
-    251-row panoptic class head to take), or None when NUM_CLASSES is not 133."""
-    if cfg.MODEL.DETR.NUM_CLASSES != COCO_PANOPTIC_NUM_CLASSES:
-        return None
-    for name in _datasets_of(cfg) + [_BUILTIN_COCO_PANOPTIC]:
-        layout = _panoptic_layout(MetadataCatalog.get(name))
-        if (
-            layout is not None
-            and len(layout["things"]) + len(layout["stuff"]) == COCO_PANOPTIC_NUM_CLASSES
-        ):
-            merged = {**layout["things"], **layout["stuff"]}
-            return [dataset_id for dataset_id, _ in sorted(merged.items(), key=lambda kv: kv[1])]
-    return None
+    """The model's classes that are things, or None when every class is a thing (from the
+    model's class layout, :func:`detr_d2.layout.layout_from_cfg`)."""
+    layout = layout_from_cfg(cfg)
+    return None if layout.all_things else list(layout.thing_ids)
 
 
 def panoptic_metadata(categories: Sequence[Dict[str, Any]]) -> Dict[str, Any]:

@@ -21,8 +21,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import BitMasks, ImageList, PolygonMasks
 from torch import nn
 
-from ..checkpoint import convert_official_state_dict, is_official_detr_state_dict
-from ..data.panoptic import thing_ids_from_cfg
+from ..checkpoint import convert_official_for_model, is_official_detr_state_dict
+from ..layout import ClassLayout, generic_layout, layout_from_cfg
 from ..precision import autocast, precision_dtype, to_float32
 from .box_ops import box_xyxy_to_cxcywh
 from .criterion import SetCriterion, build_weight_dict
@@ -93,6 +93,7 @@ class Detr(nn.Module):
         semantic_on: bool = False,
         panoptic_on: bool = False,
         thing_ids: Optional[Sequence[int]] = None,
+        class_layout: Optional[ClassLayout] = None,
         panoptic_threshold: float = 0.85,
         mask_threshold: float = 0.5,
         # speed
@@ -126,6 +127,8 @@ class Detr(nn.Module):
             panoptic_on: inference returns ``panoptic_seg`` (needs ``mask_on``).
             thing_ids: the classes that are things; ``None``: all classes are things. Instances
                 are restricted to them, and panoptic segments of other classes are stuff.
+            class_layout: names, thing flags and dataset category ids of the K classes (default:
+                numbered names); official checkpoints are remapped to it on load.
             panoptic_threshold: class probability a query needs to enter the panoptic output.
             mask_threshold: probability threshold of the binary instance masks.
             test_precision: dtype of the network in inference (autocast; fp32 post-processing).
@@ -189,6 +192,10 @@ class Detr(nn.Module):
         self.semantic_on = semantic_on
         self.panoptic_on = panoptic_on
         self.thing_ids = None if thing_ids is None else tuple(int(i) for i in thing_ids)
+        self.class_layout = class_layout or generic_layout(num_classes)
+        assert self.class_layout.num_classes == num_classes, (
+            f"class_layout has {self.class_layout.num_classes} classes, the model {num_classes}"
+        )
         self.panoptic_threshold = panoptic_threshold
         self.mask_threshold = mask_threshold
         self.test_precision = test_precision
@@ -236,6 +243,7 @@ class Detr(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> Dict:
         detr = cfg.MODEL.DETR
+        layout = layout_from_cfg(cfg)  # NUM_CLASSES 0: the dataset's count
         backbone = build_backbone(cfg)
         sigmoid = detr.CLASS_LOSS != "softmax"
         matcher = HungarianMatcher(
@@ -257,7 +265,7 @@ class Detr(nn.Module):
             losses += ("masks",)
         num_aux = detr.DEC_LAYERS - 1 if detr.DEEP_SUPERVISION else 0
         criterion = SetCriterion(
-            detr.NUM_CLASSES,
+            layout.num_classes,
             matcher=matcher,
             weight_dict=build_weight_dict(base_weights, num_aux),
             eos_coef=detr.NO_OBJECT_WEIGHT,
@@ -281,7 +289,7 @@ class Detr(nn.Module):
             "in_feature": detr.IN_FEATURE,
             "position_embedding": build_position_encoding(detr.POSITION_EMBEDDING, detr.HIDDEN_DIM),
             "transformer": transformer,
-            "num_classes": detr.NUM_CLASSES,
+            "num_classes": layout.num_classes,
             "num_queries": detr.NUM_OBJECT_QUERIES,
             "aux_loss": detr.DEEP_SUPERVISION,
             "criterion": criterion,
@@ -293,7 +301,8 @@ class Detr(nn.Module):
             "instance_on": detr.TEST.INSTANCE_ON,
             "semantic_on": detr.TEST.SEMANTIC_ON,
             "panoptic_on": detr.TEST.PANOPTIC_ON,
-            "thing_ids": thing_ids_from_cfg(cfg),
+            "thing_ids": None if layout.all_things else list(layout.thing_ids),
+            "class_layout": layout,
             "panoptic_threshold": detr.TEST.PANOPTIC_THRESHOLD,
             "mask_threshold": detr.TEST.MASK_THRESHOLD,
             "test_precision": precision_dtype(
@@ -317,14 +326,21 @@ class Detr(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    def convert_checkpoint_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> Dict:
+        """``state_dict`` in this model's layout: an official DETR one (torchvision backbone
+        names, optional ``detr.`` prefix, class head indexed by COCO category id) is converted
+        and its head remapped to ``class_layout``; any other is returned as it is. Detectron2's
+        checkpointers call this before their shape check (see :mod:`detr_d2.compat`)."""
+        if not is_official_detr_state_dict(state_dict):
+            return state_dict
+        logger.warning("Loading an official DETR state dict: converting it to detr_d2's layout.")
+        return convert_official_for_model(state_dict, self, self.class_layout)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Accept an official DETR state dict (torchvision backbone names, optional ``detr.``
-        prefix) in plain ``load_state_dict`` too; :class:`DetrCheckpointer` converts it first and
-        also remaps the class head, which needs the dataset's category ids."""
+        """Old (official DETR) layouts are converted here too, for plain ``load_state_dict``."""
         local = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if is_official_detr_state_dict(local):
-            logger.warning("Loading an official DETR state dict: converting its keys on load.")
-            converted, _ = convert_official_state_dict(local, self.num_classes)
+            converted = self.convert_checkpoint_state_dict(local)
             for key in [k for k in state_dict if k.startswith(prefix)]:
                 del state_dict[key]
             state_dict.update({prefix + k: v for k, v in converted.items()})

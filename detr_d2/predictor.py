@@ -1,0 +1,127 @@
+"""One predictor for every tool: config, weights, test resize, precision, folded batch norms and
+class names, in the spirit of Detectron2's ``DefaultPredictor``.
+
+    predictor = DetrPredictor(cfg)          # cfg with add_detr_config, MODEL.WEIGHTS set
+    outputs = predictor(image)              # HWC uint8 in cfg.INPUT.FORMAT -> model outputs
+    names = predictor.class_names           # e.g. ["face"], from the model's class layout
+"""
+import logging
+import os
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.data.catalog import Metadata
+from detectron2.modeling import build_model
+
+from .checkpoint import stored_class_layout
+from .data import register_datasets_from_cfg
+from .data.augmentation import build_detr_augmentation
+from .engine import build_checkpointer, resolve_device
+from .layout import set_layout_keys
+from .modeling.inference_graph import inference_model
+
+__all__ = ["DetrPredictor", "IMAGE_EXTENSIONS", "list_images"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def list_images(inputs: Sequence[str]) -> List[str]:
+    """Image files as given, plus the images of each folder (sorted by name). A missing path,
+    or no image at all, fails naming the input."""
+    paths: List[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            names = sorted(n for n in os.listdir(item) if n.lower().endswith(IMAGE_EXTENSIONS))
+            if not names:
+                logger.warning(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in folder {item}")
+            paths += [os.path.join(item, n) for n in names]
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"--input {item}: no such file or folder")
+    if not paths:
+        raise FileNotFoundError(f"--input {list(inputs)}: no images found (extensions {IMAGE_EXTENSIONS})")
+    return paths
+
+
+class DetrPredictor:
+    """Builds the model of ``cfg``, loads ``MODEL.WEIGHTS`` and runs single images through the
+    test resize and the inference model (``TEST.PRECISION``, ``TEST.FOLD_BATCHNORM``).
+
+    The class layout comes from the config's keys or datasets, else from the layout a detr_d2
+    checkpoint was saved with, so a model directory (``config.yaml`` + ``model_final.pth``)
+    predicts with the right names even where its datasets are not on disk.
+
+    Attributes:
+        cfg: the frozen config used; ``model``: the eval-mode model as loaded (for hooks such as
+        attention capture); ``inference``: the model that runs (a folded copy by default);
+        ``class_names``; ``metadata``: Detectron2 ``Metadata`` for its ``Visualizer``.
+    """
+
+    def __init__(self, cfg: CfgNode, *, load_weights: bool = True):
+        cfg = cfg.clone()
+        cfg.defrost()
+        resolve_device(cfg)
+        try:
+            register_datasets_from_cfg(cfg)
+        except (FileNotFoundError, ValueError) as e:  # only names and colours come from them
+            logger.warning(f"Datasets of the config are not available ({e}).")
+        detr = cfg.MODEL.DETR
+        if load_weights and not (detr.CLASS_NAMES or detr.CLASS_IS_THING or detr.CLASS_DATASET_IDS):
+            stored = stored_class_layout(cfg.MODEL.WEIGHTS)
+            if stored is not None and stored.num_classes == detr.NUM_CLASSES:
+                set_layout_keys(cfg, stored)
+                logger.info(f"Class layout from {cfg.MODEL.WEIGHTS}: {', '.join(stored.names)}")
+        cfg.freeze()
+        self.cfg = cfg
+        self.model = build_model(cfg).eval()
+        if load_weights and cfg.MODEL.WEIGHTS:
+            build_checkpointer(cfg, self.model).load(cfg.MODEL.WEIGHTS)
+        elif load_weights:
+            logger.warning("MODEL.WEIGHTS is empty: predicting with a randomly initialised model.")
+        self.inference = inference_model(self.model, cfg)
+        self.augmentation = T.AugmentationList(build_detr_augmentation(cfg, is_train=False))
+        self.class_names = list(self.model.class_layout.names)
+        self.metadata = self._metadata()
+
+    def _metadata(self) -> Metadata:
+        """Class names for every contiguous id (``thing_classes`` and ``stuff_classes`` alike, as
+        the Visualizer indexes both by the model's class id), with the dataset's colours."""
+        names = self.class_names
+        meta = Metadata(name="detr_d2_predictor", thing_classes=names, stuff_classes=names)
+        for name in self.cfg.DATASETS.TEST:
+            colors = MetadataCatalog.get(name).get("stuff_colors")
+            if colors and len(colors) == len(names):
+                meta.set(thing_colors=colors, stuff_colors=colors)
+                break
+        return meta
+
+    def read_image(self, path: str) -> np.ndarray:
+        """HWC uint8 in ``INPUT.FORMAT``."""
+        return utils.read_image(path, format=self.cfg.INPUT.FORMAT)
+
+    def to_rgb(self, image: np.ndarray) -> np.ndarray:
+        return utils.convert_image_to_rgb(image, self.cfg.INPUT.FORMAT)
+
+    def model_input(self, image: np.ndarray) -> Dict:
+        """The model's input dict of one HWC image: resized as in evaluation, outputs at the
+        original size."""
+        aug_input = T.AugInput(image)
+        self.augmentation(aug_input)
+        tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+        return {"image": tensor, "height": image.shape[0], "width": image.shape[1]}
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray) -> Dict:
+        """Outputs of one HWC uint8 image in ``INPUT.FORMAT`` (see ``Detr.inference``)."""
+        return self.inference([self.model_input(image)])[0]
+
+    def class_name(self, label: int) -> str:
+        return self.class_names[label] if 0 <= label < len(self.class_names) else f"class {label}"
