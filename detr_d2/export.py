@@ -21,13 +21,13 @@ import copy
 import json
 import logging
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import ImageList
 from torch import nn
 
@@ -39,7 +39,15 @@ from .precision import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "EXPORT_FORMATS", "DetrExportGraph", "ExportedDetr", "export_model", "pad_batch"]
+__all__ = [
+    "BACKENDS",
+    "EXPORT_FORMATS",
+    "DetrExportGraph",
+    "ExportedDetr",
+    "export_model",
+    "exported_model",
+    "pad_batch",
+]
 
 EXPORT_FORMATS = ("torchscript", "onnx")
 BACKENDS = ("pytorch", "torchscript", "onnxruntime")
@@ -111,7 +119,13 @@ def class_names_from_cfg(cfg: CfgNode) -> List[str]:
     names for panoptic layouts), else "class <i>"."""
     num_classes = cfg.MODEL.DETR.NUM_CLASSES
     if len(cfg.DATASETS.TEST):
-        meta = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        name = cfg.DATASETS.TEST[0]
+        if "thing_classes" not in MetadataCatalog.get(name).as_dict() and name in DatasetCatalog:
+            try:
+                DatasetCatalog.get(name)  # COCO-json loaders set the class names on first load
+            except OSError as e:  # files not on this machine: names are optional
+                logger.warning(f"Class names of {name!r} unavailable ({e}).")
+        meta = MetadataCatalog.get(name)
         for key in ("stuff_classes", "thing_classes"):
             names = meta.get(key)
             if names and len(names) == num_classes:
@@ -197,7 +211,7 @@ def export_model(
         raise ValueError("--precision fp16 needs MODEL.DEVICE cuda; use bf16 on CPU.")
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    graph = DetrExportGraph(_export_copy(model, cfg, precision))
+    graph = DetrExportGraph(_export_copy(model, cfg, precision)).eval()
     images, sizes = pad_batch(example_images(sample_image))
     example = (images.to(graph.model.device), sizes.to(graph.model.device))
     path = output / MODEL_FILES[export_format]
@@ -259,8 +273,8 @@ class ExportedDetr:
             raise ValueError(f"backend must be 'torchscript' or 'onnxruntime', got {backend!r}.")
         if self.meta["format"] != wanted:
             raise ValueError(
-                f"--backend {backend} needs a {wanted} export, but {directory} holds a "
-                f"{self.meta['format']} export ({self.meta['model_file']})."
+                f"--backend {backend} needs a model exported with --format {wanted}, but "
+                f"{directory} holds a {self.meta['format']} export ({self.meta['model_file']})."
             )
         self.backend = backend
         self.device = torch.device(device)
@@ -311,13 +325,32 @@ class ExportedDetr:
         )
 
 
-def load_predictor_model(backend: str, model: Optional[nn.Module], exported_dir: Optional[str], device: str = "cpu"):
-    """``model`` for ``backend`` "pytorch", else the :class:`ExportedDetr` of ``exported_dir``
-    (the ``--backend`` / ``--exported`` options of the tools)."""
-    if backend not in BACKENDS:
+def exported_model(cfg: CfgNode, backend: str, directory: Optional[str]) -> ExportedDetr:
+    """The ``--backend`` / ``--exported`` model of the tools: the export in ``directory``, with
+    the outputs and thresholds of ``cfg`` (``MODEL.DETR.TEST``), so that it computes what the
+    PyTorch model of ``cfg`` would."""
+    if backend not in BACKENDS[1:]:
         raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}.")
-    if backend == "pytorch":
-        return model
-    if not exported_dir:
-        raise ValueError(f"--backend {backend} needs --exported DIR (the output of tools/export_model.py).")
-    return ExportedDetr(exported_dir, backend, device=device)
+    if not directory:
+        raise ValueError(f"--backend {backend} needs --exported DIR (an output of tools/export_model.py).")
+    model = ExportedDetr(directory, backend, device=cfg.MODEL.DEVICE)
+    test = cfg.MODEL.DETR.TEST
+    if (test.SEMANTIC_ON or test.PANOPTIC_ON) and not model.options.mask_on:
+        raise ValueError(
+            f"MODEL.DETR.TEST.SEMANTIC_ON/PANOPTIC_ON need mask logits, but the export in "
+            f"{directory} has none: export a MODEL.MASK_ON model."
+        )
+    if cfg.INPUT.FORMAT != model.input_format:
+        raise ValueError(
+            f"INPUT.FORMAT={cfg.INPUT.FORMAT!r} but the export in {directory} takes "
+            f"{model.input_format!r} images: use the config it was exported with."
+        )
+    model.options = replace(
+        model.options,
+        instance_on=test.INSTANCE_ON,
+        semantic_on=test.SEMANTIC_ON,
+        panoptic_on=test.PANOPTIC_ON,
+        panoptic_threshold=test.PANOPTIC_THRESHOLD,
+        mask_threshold=test.MASK_THRESHOLD,
+    )
+    return model

@@ -8,6 +8,8 @@
     python tools/predict.py --config-file configs/detr_face_sample.yaml --input a.png b.png \
         --output output/faces --score-threshold 0.7 \
         MODEL.WEIGHTS output/detr_face_sample/model_final.pth
+    python tools/predict.py --config-file configs/detr_face_sample.yaml --input a.png \
+        --output output/faces_onnx --backend onnxruntime --exported output/export_faces
 
 ``--input`` takes image files and folders (their images, sorted; a progress bar runs over them).
 For each image, OUTPUT/<name>.png shows the panoptic segmentation (models with
@@ -45,6 +47,7 @@ from detr_d2 import add_detr_config
 from detr_d2.data import register_datasets_from_cfg
 from detr_d2.data.augmentation import build_detr_augmentation
 from detr_d2.engine import build_checkpointer, resolve_device
+from detr_d2.export import BACKENDS, exported_model
 from detr_d2.modeling.inference_graph import inference_model
 
 logger = logging.getLogger("detr_d2.predict")
@@ -85,6 +88,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=None,
         help="dataset whose class names label the drawing (default: DATASETS.TEST[0])",
     )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="pytorch",
+        help="run the PyTorch model, or an export of tools/export_model.py (see --exported)",
+    )
+    parser.add_argument("--exported", help="export folder for --backend torchscript/onnxruntime")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     return parser.parse_args(argv)
 
@@ -173,9 +183,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.mode == "panoptic" and not cfg.MODEL.MASK_ON:
         raise ValueError("--mode panoptic needs a model with masks (MODEL.MASK_ON True).")
     panoptic = args.mode == "panoptic" or (args.mode == "auto" and cfg.MODEL.DETR.TEST.PANOPTIC_ON)
-    model = build_model(cfg).eval()
-    build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
-    model = inference_model(model, cfg)
+    if args.backend == "pytorch":
+        model = build_model(cfg).eval()
+        build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+        model = inference_model(model, cfg)
+    else:
+        model = exported_model(cfg, args.backend, args.exported)
     augmentation = T.AugmentationList(build_detr_augmentation(cfg, is_train=False))
     metadata = class_metadata(cfg, args.dataset)
     paths = collect_images(args.input)

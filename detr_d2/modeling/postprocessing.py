@@ -35,7 +35,7 @@ def detection_inference(
     for score, label, box, (height, width) in zip(scores, labels, pred_boxes, output_sizes):
         if tracing:  # sizes are traced tensors (TracingAdapter): keep them in the graph
             scale = torch.stack([width, height, width, height]).to(box)
-            result = Instances((height, width))
+            result = Instances(torch.stack([height, width]))
         else:
             scale = torch.as_tensor(
                 [width, height, width, height], dtype=torch.float32, device=box.device
@@ -250,7 +250,7 @@ def image_sizes_tensor(
     if isinstance(image_sizes, torch.Tensor):
         return image_sizes.to(device=device, dtype=torch.int64)
     if len(image_sizes) and isinstance(image_sizes[0], torch.Tensor):
-        return torch.stack([torch.as_tensor(s) for s in image_sizes]).to(device)
+        return torch.stack(list(image_sizes)).to(device=device, dtype=torch.int64)
     return torch.as_tensor(image_sizes, device=device)
 
 
