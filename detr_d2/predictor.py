@@ -65,7 +65,16 @@ class DetrPredictor:
         ``class_names``; ``metadata``: Detectron2 ``Metadata`` for its ``Visualizer``.
     """
 
-    def __init__(self, cfg: CfgNode, *, load_weights: bool = True):
+    def __init__(self, cfg: CfgNode, *, load_weights: bool = True, backend: str = "pytorch", exported: str = None):
+        """
+        Args:
+            cfg: config with :func:`add_detr_config` keys; ``MODEL.WEIGHTS`` for ``pytorch``.
+            load_weights: load ``MODEL.WEIGHTS`` (off: a randomly initialised model, for tests).
+            backend: "pytorch", or "torchscript" / "onnxruntime" to run the export of
+                ``tools/export_model.py`` in the folder ``exported`` (same outputs and drawing).
+        """
+        if backend != "pytorch":
+            load_weights = False  # the export carries its weights
         cfg = cfg.clone()
         cfg.defrost()
         resolve_device(cfg)
@@ -86,9 +95,16 @@ class DetrPredictor:
             build_checkpointer(cfg, self.model).load(cfg.MODEL.WEIGHTS)
         elif load_weights:
             logger.warning("MODEL.WEIGHTS is empty: predicting with a randomly initialised model.")
-        self.inference = inference_model(self.model, cfg)
+        if backend == "pytorch":
+            self.inference = inference_model(self.model, cfg)
+        else:
+            from .export import exported_model  # onnxruntime is only needed for exports
+
+            self.inference = exported_model(cfg, backend, exported)
         self.augmentation = T.AugmentationList(build_detr_augmentation(cfg, is_train=False))
         self.class_names = list(self.model.class_layout.names)
+        if backend != "pytorch" and self.inference.meta.get("class_names"):
+            self.class_names = list(self.inference.meta["class_names"])
         self.metadata = self._metadata()
 
     def _metadata(self) -> Metadata:

@@ -6,6 +6,8 @@
         --precision bf16 TEST.FOLD_BATCHNORM True MODEL.DETR.CHANNELS_LAST True
     python tools/benchmark.py --config-file configs/detr_face_sample.yaml --task train \
         --input dataset --precision bf16
+    python tools/benchmark.py --config-file configs/detr_r50.yaml --task inference \
+        --backend onnxruntime --exported output/export_r50_onnx
     python tools/benchmark.py --config-file configs/detr_face_sample.yaml --task data
     python tools/benchmark.py --config-file configs/detr_face_sample.yaml --task eval \
         MODEL.WEIGHTS output/detr_face_sample/model_final.pth
@@ -38,6 +40,7 @@ from detr_d2 import add_detr_config
 from detr_d2.benchmark import TASKS, markdown_table, run_benchmark
 from detr_d2.data import register_datasets_from_cfg
 from detr_d2.engine import resolve_device
+from detr_d2.export import BACKENDS, exported_model
 from detr_d2.predictor import DetrPredictor
 
 logger = logging.getLogger("detr_d2.benchmark")
@@ -54,6 +57,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--table", nargs="+", metavar="JSON",
                         help="instead of measuring: print a markdown table of these records")
     parser.add_argument("--weights", help="checkpoint to load (MODEL.WEIGHTS); default: random init")
+    parser.add_argument("--backend", choices=BACKENDS, default="pytorch",
+                        help="inference/eval: the PyTorch model or an export (see --exported)")
+    parser.add_argument("--exported", help="export folder of tools/export_model.py (--backend)")
     parser.add_argument("--input", choices=("synthetic", "dataset"), default="synthetic",
                         help="inference/train inputs (data/eval always use the datasets)")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
@@ -115,10 +121,14 @@ def main(argv: Optional[List[str]] = None) -> Optional[dict]:
         torch.set_num_threads(args.threads)
     cfg = setup(args)
     output = args.output or os.path.join(cfg.OUTPUT_DIR, f"benchmark_{args.task}.json")
+    if args.backend != "pytorch" and args.task not in ("inference", "eval"):
+        raise ValueError(f"--backend {args.backend} measures the inference and eval tasks only.")
     record = run_benchmark(
         cfg,
         args.task,
-        build_model=load_model,
+        build_model=load_model if args.backend == "pytorch" else (
+            lambda cfg: exported_model(cfg, args.backend, args.exported)
+        ),
         input_source=args.input,
         batch_size=args.batch_size,
         image_size=tuple(args.image_size) if args.image_size else None,
@@ -127,7 +137,8 @@ def main(argv: Optional[List[str]] = None) -> Optional[dict]:
         loader_batches=args.loader_batches,
         output_dir=os.path.join(cfg.OUTPUT_DIR, "benchmark_eval"),
     )
-    record.update(config_file=args.config_file, opts=args.opts, label=args.label, command=sys.argv)
+    record.update(config_file=args.config_file, opts=args.opts, label=args.label, command=sys.argv,
+                  backend=args.backend)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(record, f, indent=2)

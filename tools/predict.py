@@ -8,6 +8,8 @@
     python tools/predict.py --config-file configs/detr_face_sample.yaml --input a.png b.png \
         --output output/faces --score-threshold 0.7 \
         MODEL.WEIGHTS output/detr_face_sample/model_final.pth
+    python tools/predict.py --config-file configs/detr_face_sample.yaml --input a.png \
+        --output output/faces_onnx --backend onnxruntime --exported output/export_faces
 
 ``--input`` takes image files and folders (their images, sorted; a progress bar runs over them).
 For each image, OUTPUT/<name>.png shows the panoptic segmentation (models with
@@ -38,6 +40,7 @@ from tqdm import tqdm
 
 from detr_d2 import add_detr_config
 from detr_d2.predictor import DetrPredictor, list_images
+from detr_d2.export import BACKENDS
 
 logger = logging.getLogger("detr_d2.predict")
 
@@ -70,6 +73,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--scale", type=float, default=1.0, help="size of the drawings relative to the images"
     )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="pytorch",
+        help="run the PyTorch model, or an export of tools/export_model.py (see --exported)",
+    )
+    parser.add_argument("--exported", help="export folder for --backend torchscript/onnxruntime")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     return parser.parse_args(argv)
 
@@ -115,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.mode == "panoptic" and not cfg.MODEL.MASK_ON:
         raise ValueError("--mode panoptic needs a model with masks (MODEL.MASK_ON True).")
     panoptic = args.mode == "panoptic" or (args.mode == "auto" and cfg.MODEL.DETR.TEST.PANOPTIC_ON)
-    predictor = DetrPredictor(cfg)
+    predictor = DetrPredictor(cfg, backend=args.backend, exported=args.exported)
     metadata, names = predictor.metadata, predictor.class_names
     paths = list_images(args.input)
     os.makedirs(args.output, exist_ok=True)

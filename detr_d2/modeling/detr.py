@@ -29,10 +29,10 @@ from .criterion import SetCriterion, build_weight_dict
 from .matcher import HungarianMatcher
 from .position_encoding import build_position_encoding
 from .postprocessing import (
-    detection_inference,
-    instance_inference,
-    panoptic_inference,
-    semantic_inference,
+    PostprocessOptions,
+    image_sizes_tensor,
+    inference_results,
+    instances_results,
 )
 from .segmentation import MASK_HEAD_IN_FEATURES, MaskAttentionMap, MaskHead
 from .dense_head import DenseAuxHead
@@ -378,9 +378,11 @@ class Detr(nn.Module):
 
         As the official implementation: built at input resolution from the unpadded sizes, then
         sampled with nearest interpolation to the feature map (a few padded rows can vanish).
+        ``images.image_sizes`` may be an int64 tensor [N, 2] (exported graphs, see
+        :mod:`detr_d2.export`) so that nothing in this path leaves the graph.
         """
         tensor = images.tensor
-        heights_widths = torch.as_tensor(images.image_sizes, device=tensor.device)  # [N, 2]
+        heights_widths = image_sizes_tensor(images.image_sizes, tensor.device)  # [N, 2]
         ys = torch.arange(tensor.shape[-2], device=tensor.device)
         xs = torch.arange(tensor.shape[-1], device=tensor.device)
         mask = (ys[None, :, None] >= heights_widths[:, 0, None, None]) | (
@@ -557,52 +559,28 @@ class Detr(nn.Module):
         images = self.preprocess_image(batched_inputs)
         outputs = self._test_heads(images, with_aux=False)
         if not do_postprocess:
-            return self._instances(outputs, images, images.image_sizes)
+            return instances_results(
+                outputs, self.postprocess_options, images.tensor.shape[-2:], images.image_sizes
+            )
         sizes = [
             (x.get("height", h), x.get("width", w)) for x, (h, w) in zip(batched_inputs, images.image_sizes)
         ]
-        results = [{} for _ in batched_inputs]
-        if self.instance_on:
-            for result, instances in zip(results, self._instances(outputs, images, sizes)):
-                result["instances"] = instances
-        if self.semantic_on:
-            for i, result in enumerate(results):
-                result["sem_seg"] = semantic_inference(
-                    outputs["pred_logits"][i],
-                    outputs["pred_masks"][i],
-                    images.tensor.shape[-2:],
-                    images.image_sizes[i],
-                    sizes[i],
-                )
-        if self.panoptic_on:
-            for i, result in enumerate(results):
-                result["panoptic_seg"] = panoptic_inference(
-                    outputs["pred_logits"][i],
-                    outputs["pred_masks"][i],
-                    images.image_sizes[i],
-                    sizes[i],
-                    thing_ids=range(self.num_classes) if self.thing_ids is None else self.thing_ids,
-                    threshold=self.panoptic_threshold,
-                )
-        return results
+        return inference_results(
+            outputs, self.postprocess_options, images.tensor.shape[-2:], images.image_sizes, sizes
+        )
 
-    def _instances(self, outputs: Dict, images: ImageList, output_sizes) -> List:
-        """One ``Instances`` per image at ``output_sizes`` (see :func:`instance_inference`)."""
-        if not self.mask_on and self.thing_ids is None:
-            return detection_inference(
-                outputs["pred_logits"], outputs["pred_boxes"], output_sizes, self.score_activation
-            )
-        return [
-            instance_inference(
-                outputs["pred_logits"][i],
-                outputs["pred_boxes"][i],
-                outputs["pred_masks"][i] if self.mask_on else None,
-                padded_size=images.tensor.shape[-2:],
-                image_size=images.image_sizes[i],
-                output_size=size,
-                thing_ids=self.thing_ids,
-                mask_threshold=self.mask_threshold,
-                activation=self.score_activation,
-            )
-            for i, size in enumerate(output_sizes)
-        ]
+    @property
+    def postprocess_options(self) -> PostprocessOptions:
+        """What :func:`inference_results` computes from the raw outputs (exported models store
+        the same options in their JSON, so both run identical post-processing)."""
+        return PostprocessOptions(
+            num_classes=self.num_classes,
+            mask_on=self.mask_on,
+            instance_on=self.instance_on,
+            semantic_on=self.semantic_on,
+            panoptic_on=self.panoptic_on,
+            thing_ids=self.thing_ids,
+            panoptic_threshold=self.panoptic_threshold,
+            mask_threshold=self.mask_threshold,
+            score_activation=self.score_activation,
+        )

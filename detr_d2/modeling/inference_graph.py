@@ -47,8 +47,9 @@ def inference_model(model: nn.Module, cfg: CfgNode) -> nn.Module:
     """The model to run inference with: ``model`` itself, or an eval-mode copy with its batch
     norms folded into the convolutions (``TEST.FOLD_BATCHNORM``) and its backbone and transformer
     compiled by ``torch.compile`` (``TEST.COMPILE``). The copy has no training-only parts
-    (``train_only``: extra query groups, one-to-many queries), so it is plain DETR."""
-    if not (cfg.TEST.FOLD_BATCHNORM or cfg.TEST.COMPILE):
+    (``train_only``: extra query groups, one-to-many queries, dense head), so it is plain DETR.
+    An exported graph (:class:`detr_d2.export.ExportedDetr`, not a module) is returned as it is."""
+    if not isinstance(model, nn.Module) or not (cfg.TEST.FOLD_BATCHNORM or cfg.TEST.COMPILE):
         return model
     if isinstance(model, DistributedDataParallel):
         model = model.module

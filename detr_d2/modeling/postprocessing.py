@@ -4,7 +4,8 @@ full-resolution masks), semantic score maps and ``(panoptic_seg, segments_info)`
 Shapes: Q queries, K classes (+1 "no object" logit), H4 x W4 the mask logits' grid (1/4 of the
 padded batch), h x w an input image's unpadded size, H x W the requested output size.
 """
-from typing import Collection, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -43,9 +44,16 @@ def detection_inference(
     """
     scores, labels = class_probabilities(pred_logits, activation).max(-1)
     results = []
+    tracing = torch.jit.is_tracing()
     for score, label, box, (height, width) in zip(scores, labels, pred_boxes, output_sizes):
-        scale = torch.as_tensor([width, height, width, height], dtype=torch.float32, device=box.device)
-        result = Instances((int(height), int(width)))
+        if tracing:  # sizes are traced tensors (TracingAdapter): keep them in the graph
+            scale = torch.stack([width, height, width, height]).to(box)
+            result = Instances(torch.stack([height, width]))
+        else:
+            scale = torch.as_tensor(
+                [width, height, width, height], dtype=torch.float32, device=box.device
+            )
+            result = Instances((int(height), int(width)))
         result.pred_boxes = Boxes(box_cxcywh_to_xyxy(box.float()) * scale)
         result.scores = score
         result.pred_classes = label
@@ -245,3 +253,99 @@ def panoptic_inference(
         )
     ]
     return (ids + 1).to(torch.int32), segments_info
+
+
+def image_sizes_tensor(
+    image_sizes: Union[torch.Tensor, Sequence[Sequence]], device: torch.device
+) -> torch.Tensor:
+    """int64 [N, 2] (height, width) of ``ImageList.image_sizes``, which holds int pairs in eager
+    mode, 1-D size tensors under ``torch.jit.trace`` (Detectron2's ``ImageList.from_tensors``)
+    and is a tensor [N, 2] in exported graphs; the traced forms stay traced."""
+    if isinstance(image_sizes, torch.Tensor):
+        return image_sizes.to(device=device, dtype=torch.int64)
+    if len(image_sizes) and isinstance(image_sizes[0], torch.Tensor):
+        return torch.stack(list(image_sizes)).to(device=device, dtype=torch.int64)
+    return torch.as_tensor(image_sizes, device=device)
+
+
+@dataclass(frozen=True)
+class PostprocessOptions:
+    """The switches and thresholds of DETR's post-processing (see :class:`Detr` for each)."""
+
+    num_classes: int
+    mask_on: bool = False
+    instance_on: bool = True
+    semantic_on: bool = False
+    panoptic_on: bool = False
+    thing_ids: Optional[Tuple[int, ...]] = None
+    panoptic_threshold: float = 0.85
+    mask_threshold: float = 0.5
+    score_activation: str = "softmax"
+
+
+def instances_results(
+    outputs: Dict[str, torch.Tensor],
+    options: PostprocessOptions,
+    padded_size: Tuple[int, int],
+    image_sizes: Sequence[Tuple[int, int]],
+    output_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+) -> List[Instances]:
+    """One ``Instances`` per image at ``output_sizes`` (default: ``image_sizes``) from the raw
+    outputs ``pred_logits``, ``pred_boxes`` and, with ``mask_on``, ``pred_masks``; see
+    :func:`detection_inference` and :func:`instance_inference`."""
+    output_sizes = image_sizes if output_sizes is None else output_sizes
+    if not options.mask_on and options.thing_ids is None:
+        return detection_inference(
+            outputs["pred_logits"], outputs["pred_boxes"], output_sizes, options.score_activation
+        )
+    return [
+        instance_inference(
+            outputs["pred_logits"][i],
+            outputs["pred_boxes"][i],
+            outputs["pred_masks"][i] if options.mask_on else None,
+            padded_size=padded_size,
+            image_size=image_sizes[i],
+            output_size=size,
+            thing_ids=options.thing_ids,
+            mask_threshold=options.mask_threshold,
+            activation=options.score_activation,
+        )
+        for i, size in enumerate(output_sizes)
+    ]
+
+
+def inference_results(
+    outputs: Dict[str, torch.Tensor],
+    options: PostprocessOptions,
+    padded_size: Tuple[int, int],
+    image_sizes: Sequence[Tuple[int, int]],
+    output_sizes: Sequence[Tuple[int, int]],
+) -> List[Dict]:
+    """Detectron2's per-image output dicts (``instances``, ``sem_seg``, ``panoptic_seg`` as
+    switched on in ``options``) from the raw outputs of a padded batch of ``padded_size``,
+    shared by the PyTorch model and the exported graphs (:mod:`detr_d2.export`)."""
+    results = [{} for _ in output_sizes]
+    if options.instance_on:
+        instances = instances_results(outputs, options, padded_size, image_sizes, output_sizes)
+        for result, per_image in zip(results, instances):
+            result["instances"] = per_image
+    thing_ids = range(options.num_classes) if options.thing_ids is None else options.thing_ids
+    for i, result in enumerate(results):
+        if options.semantic_on:
+            result["sem_seg"] = semantic_inference(
+                outputs["pred_logits"][i],
+                outputs["pred_masks"][i],
+                padded_size,
+                image_sizes[i],
+                output_sizes[i],
+            )
+        if options.panoptic_on:
+            result["panoptic_seg"] = panoptic_inference(
+                outputs["pred_logits"][i],
+                outputs["pred_masks"][i],
+                image_sizes[i],
+                output_sizes[i],
+                thing_ids=thing_ids,
+                threshold=options.panoptic_threshold,
+            )
+    return results

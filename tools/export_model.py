@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Export a DETR model to TorchScript or ONNX (in the spirit of Detectron2's
+tools/deploy/export_model.py), and optionally evaluate the exported model.
+
+    python tools/export_model.py --config-file configs/detr_r50.yaml --format onnx \
+        --output output/export_r50_onnx MODEL.WEIGHTS /path/to/detr-r50-e632da11.pth
+    python tools/export_model.py --config-file configs/detr_r50_panoptic.yaml \
+        --format torchscript --precision bf16 --output output/export_panoptic_ts \
+        --sample-image photo.jpg MODEL.WEIGHTS /path/to/detr-r50-panoptic-00ce5173.pth
+    python tools/export_model.py --config-file configs/detr_face_sample.yaml --format onnx \
+        --output output/export_faces --run-eval MODEL.WEIGHTS output/detr_face_sample/model_final.pth
+
+The export is the inference model (batch norms folded, no criterion or matcher). Its graph
+takes a padded batch of images of any sizes with their sizes, and returns the raw head outputs
+and the post-processed detections (and mask logits with MODEL.MASK_ON); OUTPUT/detr_export.json
+holds the input format, pixel mean/std, class names and thresholds (see detr_d2/export.py).
+``--sample-image`` (default: a noise image of --sample-size) is only traced with: the graph is
+not specialised to its size. ``--run-eval`` evaluates the exported model on DATASETS.TEST with
+Detectron2's evaluators, through onnxruntime or TorchScript. Arguments after the options are
+config overrides (``KEY VALUE`` pairs).
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import List, Optional
+
+import numpy as np
+import torch
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+
+from detr_d2 import add_detr_config
+from detr_d2.data import register_datasets_from_cfg
+from detr_d2.data.augmentation import build_detr_augmentation
+from detr_d2.engine import DetrTrainer, build_checkpointer, resolve_device
+from detr_d2.export import EXPORT_FORMATS, ExportedDetr, export_model
+from detr_d2.precision import PRECISIONS
+
+logger = logging.getLogger("detr_d2.export_model")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config-file", required=True, help="a detr_d2 YAML config")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, required=True)
+    parser.add_argument("--output", required=True, help="folder for the model and its JSON")
+    parser.add_argument("--sample-image", help="image to trace with (test-resized first)")
+    parser.add_argument("--sample-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"),
+                        help="size of the noise image traced without --sample-image")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                        help="graph precision: fp32; bf16/fp16 for torchscript only")
+    parser.add_argument("--run-eval", action="store_true",
+                        help="evaluate the exported model on DATASETS.TEST")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
+    return parser.parse_args(argv)
+
+
+def setup_cfg(args: argparse.Namespace) -> CfgNode:
+    cfg = get_cfg()
+    add_detr_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    resolve_device(cfg)
+    cfg.freeze()
+    try:
+        register_datasets_from_cfg(cfg)
+    except FileNotFoundError as e:
+        if args.run_eval:
+            raise
+        # only the class names come from the datasets; exporting needs none of their files
+        logger.warning(f"Datasets of the config are not available ({e}); using generic class names.")
+    return cfg
+
+
+def sample_image(cfg: CfgNode, args: argparse.Namespace) -> torch.Tensor:
+    """The CHW uint8 image to trace with, in INPUT.FORMAT, test-resized as predict.py does."""
+    if args.sample_image is None:
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(0, 256, (3, *args.sample_size), generator=generator, dtype=torch.uint8)
+    image = utils.read_image(args.sample_image, format=cfg.INPUT.FORMAT)
+    aug_input = T.AugInput(image)
+    T.AugmentationList(build_detr_augmentation(cfg, is_train=False))(aug_input)
+    return torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    setup_logger(name="detr_d2")
+    setup_logger(name="detectron2", abbrev_name="d2")
+    cfg = setup_cfg(args)
+    model = build_model(cfg).eval()
+    build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    export_model(model, cfg, args.format, args.output, sample_image(cfg, args), args.precision)
+    if args.run_eval:
+        backend = "onnxruntime" if args.format == "onnx" else "torchscript"
+        exported = ExportedDetr(args.output, backend, device=cfg.MODEL.DEVICE)
+        results = DetrTrainer.test(cfg, exported)
+        path = os.path.join(args.output, "eval_results.json")
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1, default=float)
+        logger.info(f"Evaluation of the {backend} model written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
