@@ -8,7 +8,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor
 
-from conftest import (
+from helpers import (
     CONFIGS,
     build_model_no_weights,
     cfg_for_manifest,

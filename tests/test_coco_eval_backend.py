@@ -20,7 +20,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from conftest import make_cfg
+from helpers import make_cfg
 from detr_d2.evaluation import (
     BackendCOCOEvaluator,
     _ThingCOCOEvaluator,

@@ -10,8 +10,9 @@ import pytest
 import torch
 from detectron2.utils.events import EventStorage
 
-from conftest import (
+from helpers import (
     CONFIGS,
+    INSTANT,
     build_model_no_weights,
     cfg_for_manifest,
     load_reference,
@@ -20,6 +21,7 @@ from conftest import (
     reference_inputs,
     sample_face_opts,
     tiny_cfg,
+    train_net,
 )
 from detr_d2.benchmark import synthetic_batch
 from detr_d2.engine import build_checkpointer, build_step_trainer, resolve_device, resolve_num_workers
@@ -204,8 +206,6 @@ def test_fp16_training_on_gpu_uses_a_grad_scaler():
 def test_train_net_bf16_fast_paths_train_resume_and_evaluate(tmp_path):
     """The whole user path with every fast path on: bf16 training (checkpointed trainer state
     included), resume, and evaluation of a bf16, folded, channels-last inference copy."""
-    from test_train_net import INSTANT, train_net
-
     data = sample_face_opts(tmp_path / "faces", "faces_fast", num_train=8, num_val=4, seed=5)
     fast = [
         "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bf16", "MODEL.DETR.CHANNELS_LAST", "True",

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from conftest import CONFIGS, build_model_no_weights, make_cfg, tiny_cfg
+from helpers import CONFIGS, build_model_no_weights, make_cfg, tiny_cfg
 from detr_d2 import model_report as report_module
 from detr_d2.model_report import (
     count_flops,

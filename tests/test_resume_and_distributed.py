@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, coco_dataset_opts, sample_face_opts
+from helpers import CONFIGS, REPO, coco_dataset_opts, sample_face_opts
 from detr_d2.checkpoint import DetrCheckpointer
 from detr_d2.data.sample_faces import generate_face_dataset
 

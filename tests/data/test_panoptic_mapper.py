@@ -12,7 +12,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from conftest import tiny_cfg
+from helpers import tiny_cfg
 from detr_d2.data import (
     DetrDatasetMapper,
     coco_class_rows,
