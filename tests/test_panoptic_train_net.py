@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import CONFIGS, REPO
-from detr_d2.data.sample_panoptic import generate_panoptic_dataset
+from detr_d2.data.samples.panoptic import generate_panoptic_dataset
 
 QUICK = CONFIGS / "quick_schedules"
 

@@ -20,7 +20,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from detr_d2.data.sample_faces import generate_face_dataset
+from detr_d2.data.samples.faces import generate_face_dataset
 
 logger = logging.getLogger("make_sample_faces")
 

@@ -22,7 +22,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from detr_d2.data.sample_panoptic import generate_panoptic_dataset
+from detr_d2.data.samples.panoptic import generate_panoptic_dataset
 
 logger = logging.getLogger("make_sample_panoptic")
 

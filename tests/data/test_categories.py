@@ -11,7 +11,7 @@ from detectron2.utils.events import EventStorage
 from helpers import CONFIGS, build_model_no_weights, coco_dataset_opts, make_cfg
 from detr_d2.data import register_datasets_from_cfg
 from detr_d2.data.coco_json import load_coco_detection_json
-from detr_d2.data.sample_faces import generate_face_dataset
+from detr_d2.data.samples.faces import generate_face_dataset
 from detr_d2.engine import DetrTrainer
 from detr_d2.layout import layout_from_cfg
 

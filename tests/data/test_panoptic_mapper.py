@@ -20,7 +20,7 @@ from detr_d2.data import (
     thing_ids_from_cfg,
 )
 from detr_d2.data.panoptic import rgb2id
-from detr_d2.data.sample_panoptic import CATEGORIES, generate_panoptic_dataset
+from detr_d2.data.samples.panoptic import CATEGORIES, generate_panoptic_dataset
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from helpers import load_tool
-from detr_d2.data.sample_faces import EMPTY_EVERY, generate_face_dataset
+from detr_d2.data.samples.faces import EMPTY_EVERY, generate_face_dataset
 
 NUM_TRAIN, NUM_VAL, SEED = EMPTY_EVERY, 4, 3
 
