@@ -18,7 +18,7 @@ from .data.categories import check_labels_fit
 from .ema import EMAHook, unwrap
 from .layout import layout_from_cfg, set_layout_keys
 from .evaluation import EVALUATORS, coco_evaluators, cocoeval_class
-from .model_report import log_model_report
+from .dev.model_report import log_model_report
 from .modeling.inference_graph import inference_model
 from .precision import precision_dtype
 from .data.resumable import ResumableTrainingSampler, SeededMapDataset, rng_state, set_rng_state

@@ -23,7 +23,7 @@ from helpers import (
     tiny_cfg,
     train_net,
 )
-from detr_d2.benchmark import synthetic_batch
+from detr_d2.dev.benchmark import synthetic_batch
 from detr_d2.engine import build_checkpointer, build_step_trainer, resolve_device, resolve_num_workers
 from detr_d2.modeling.inference_graph import fold_batchnorm, inference_model
 from detr_d2.solver import build_detr_optimizer

@@ -35,12 +35,12 @@ from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
 from detr_d2 import add_detr_config
-from detr_d2.benchmark import TASKS, markdown_table, run_benchmark
+from detr_d2.dev.benchmark import TASKS, markdown_table, run_benchmark
 from detr_d2.data import register_datasets_from_cfg
 from detr_d2.engine import resolve_device
 from detr_d2.predictor import DetrPredictor
 
-logger = logging.getLogger("detr_d2.benchmark")
+logger = logging.getLogger("detr_d2.dev.benchmark")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 
-from detr_d2.convergence import collect, load_spec, markdown_report, measure_speed, plot_curves, run_experiment
+from detr_d2.dev.convergence import collect, load_spec, markdown_report, measure_speed, plot_curves, run_experiment
 
 
 def main(argv=None) -> int:

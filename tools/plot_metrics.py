@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from detr_d2.metrics_plots import plot_metrics, read_metrics  # noqa: F401  (the tests call both)
+from detr_d2.dev.metrics_plots import plot_metrics, read_metrics  # noqa: F401  (the tests call both)
 
 logger = logging.getLogger("detr_d2.tools.plot_metrics")
 
