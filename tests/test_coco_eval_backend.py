@@ -277,7 +277,7 @@ def test_detectron2_without_the_class_hook_falls_back(monkeypatch):
     pycocotools instead of failing at the end of a training run; an explicit request fails early."""
     from detr_d2 import evaluation
 
-    monkeypatch.setattr(evaluation, "_detectron2_takes_cocoeval_class", lambda: False)
+    monkeypatch.setattr(evaluation, "detectron2_takes_cocoeval_class", lambda: False)
     assert cocoeval_class(make_cfg()) is coco_evaluation.COCOeval
     with pytest.raises(RuntimeError, match="TEST.COCO_EVAL_BACKEND='faster_coco_eval' cannot be applied"):
         cocoeval_class(make_cfg(opts=["TEST.COCO_EVAL_BACKEND", "faster_coco_eval"]))
