@@ -27,16 +27,7 @@ from .layout import ClassLayout, official_class_rows
 
 logger = logging.getLogger(__name__)
 
-OFFICIAL_URL_PREFIX = "https://dl.fbaipublicfiles.com/detr/"
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8})\.pth$")  # torch.hub convention: sha256 prefix
-_TORCHVISION_RESNET = [
-    (re.compile(r"^backbone\.0\.body\.conv1\."), "backbone.stem.conv1."),
-    (re.compile(r"^backbone\.0\.body\.bn1\."), "backbone.stem.conv1.norm."),
-    (re.compile(r"^backbone\.0\.body\.layer(\d)\.(\d+)\.conv(\d)\."), None),
-    (re.compile(r"^backbone\.0\.body\.layer(\d)\.(\d+)\.bn(\d)\."), None),
-    (re.compile(r"^backbone\.0\.body\.layer(\d)\.(\d+)\.downsample\.0\."), None),
-    (re.compile(r"^backbone\.0\.body\.layer(\d)\.(\d+)\.downsample\.1\."), None),
-]
 
 
 def safe_torch_load(path: str) -> Dict:

@@ -94,7 +94,7 @@ def apply_upstream_workarounds() -> None:
 
 def start_data_loader(trainer: Any) -> None:
     """Create a Detectron2 ``SimpleTrainer``'s data-loader iterator now (item 3 above)."""
-    trainer._data_loader_iter  # the lazy property creates the iterator on first access
+    trainer._data_loader_iter  # noqa: B018  (the lazy property creates the iterator on first access)
 
 
 def current_event_storage() -> Optional[events.EventStorage]:

@@ -122,3 +122,19 @@ def test_upstream_checkpointer_methods_the_checkpointer_overrides():
     assert "self._torch_load(" in inspect.getsource(DetectionCheckpointer._load_file)
     for name in ("save", "_torch_load", "_load_model", "tag_last_checkpoint"):
         assert getattr(DetrCheckpointer, name) is not getattr(DetectionCheckpointer, name), name
+
+
+# ---------------------------------------------------------------- entry points
+def test_tools_print_no_detectron2_jit_warnings():
+    """Detectron2's import-time ``torch.jit.script`` FutureWarnings are filtered by each tool."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    result = subprocess.run(
+        [sys.executable, "-W", "default", str(REPO / "tools" / "train_net.py"), "--help"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "torch.jit.script" not in result.stderr

@@ -23,6 +23,11 @@ DETR's mapper. The record (printed, and written to ``--output``, default
 ``--table A.json B.json ...`` prints records side by side as a markdown table.
 Arguments after the options are config overrides (``KEY VALUE`` pairs).
 """
+import warnings
+
+# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
 import argparse
 import json
 import logging

@@ -11,6 +11,11 @@ report (tables of AP50/AP per evaluation, seconds per iteration, PNG curves) in 
 variant's seconds per iteration alone (``--speed-iters``, or reads ``--speeds JSON``) for the
 wall-clock axis.
 """
+import warnings
+
+# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
 import argparse
 import json
 import logging

@@ -15,6 +15,11 @@ OUT/train/*.png, OUT/val/*.png and OUT/params.json (the arguments of the complet
 
 from __future__ import annotations
 
+import warnings
+
+# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
 import argparse
 import logging
 import sys

@@ -17,6 +17,11 @@ OUT/params.json.
 
 from __future__ import annotations
 
+import warnings
+
+# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
 import argparse
 import logging
 import sys

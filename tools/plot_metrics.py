@@ -12,6 +12,11 @@ PQ, SQ, RQ...). Missing keys skip their picture with a log line. A resumed run r
 iterations: the later value wins. Default output folder: ``OUTPUT_DIR/plots``.
 """
 
+import warnings
+
+# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
 import argparse
 import logging
 import sys
