@@ -52,6 +52,7 @@ from detectron2.utils import events
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "allow_official_args_namespace",
     "apply_upstream_workarounds",
     "cpu_has_native_bf16",
     "current_event_storage",
@@ -63,9 +64,14 @@ __all__ = [
 _MARK = "_detr_d2_converts_first"
 
 
-def _allow_official_args_namespace() -> None:
+def allow_official_args_namespace() -> None:
+    """Item 1 (idempotent). Called again before each of our own loads: a ``with
+    torch.serialization.safe_globals([...])`` block anywhere removes its classes on exit, even
+    ones that were added for good before it."""
     add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
-    if add_safe_globals is not None:  # older PyTorch: weights_only is not the default anyway
+    if add_safe_globals is None:  # older PyTorch: weights_only is not the default anyway
+        return
+    if argparse.Namespace not in torch.serialization.get_safe_globals():
         add_safe_globals([argparse.Namespace])
 
 
@@ -88,7 +94,7 @@ def _let_models_convert_checkpoints() -> None:
 
 def apply_upstream_workarounds() -> None:
     """Apply the workarounds of the module docstring (idempotent)."""
-    _allow_official_args_namespace()
+    allow_official_args_namespace()
     _let_models_convert_checkpoints()
 
 

@@ -20,8 +20,16 @@ def _parameters(function):
 
 
 # ---------------------------------------------------------------- 1, 2: applied on import
-def test_official_args_namespace_is_a_safe_global():
+def test_official_args_namespace_is_a_safe_global(tmp_path):
+    """Also after our own safe loads, Detectron2's checkpointer (plain ``torch.load``) reads a
+    file with the official ``args`` Namespace."""
+    from detr_d2.checkpoint import safe_torch_load
+
+    path = tmp_path / "official.pth"
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1e-4)}, path)
+    assert safe_torch_load(str(path))["args"].lr == 1e-4
     assert argparse.Namespace in torch.serialization.get_safe_globals()
+    assert torch.load(path)["args"].lr == 1e-4  # torch.load's default is weights_only=True
 
 
 def test_checkpointer_lets_the_model_convert_first():
