@@ -148,9 +148,7 @@ def capture_attention(model: nn.Module) -> Iterator[CapturedAttention]:
 
     def on_transformer_input(module: nn.Module, args: tuple, kwargs: Dict) -> None:
         src = _argument(args, kwargs, 0, "src")  # [N, C, h, w]
-        mask = _argument(args, kwargs, 1, "mask")  # [N, h, w]
-        if mask is None:  # no padding anywhere
-            mask = torch.zeros((src.shape[0], *src.shape[-2:]), dtype=torch.bool, device=src.device)
+        mask = _argument(args, kwargs, 1, "mask")  # [N, h, w]; Detr always passes one
         captured._reset(tuple(src.shape[-2:]), mask.detach().clone())
 
     def store_into(maps: List[torch.Tensor]):

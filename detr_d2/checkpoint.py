@@ -6,7 +6,6 @@ Official checkpoints (github.com/facebookresearch/detr) store ``{"model": state_
 ones wrap everything under ``detr.``. Their class head is indexed by dataset category id
 (COCO: 92 rows, COCO panoptic: 251 rows, the last row is "no object").
 """
-import argparse
 import hashlib
 import logging
 import os
@@ -23,28 +22,22 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from iopath.common.file_io import get_cache_dir
 
+from .compat import allow_official_args_namespace
 from .layout import ClassLayout, official_class_rows
 
 logger = logging.getLogger(__name__)
 
-OFFICIAL_URL_PREFIX = "https://dl.fbaipublicfiles.com/detr/"
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8})\.pth$")  # torch.hub convention: sha256 prefix
-_TORCHVISION_RESNET = [
-    (re.compile(r"^backbone\.0\.body\.conv1\."), "backbone.stem.conv1."),
-    (re.compile(r"^backbone\.0\.body\.bn1\."), "backbone.stem.conv1.norm."),
-    (re.compile(r"^backbone\.0\.body\.layer(\d)\.(\d+)\.conv(\d)\."), None),
-    (re.compile(r"^backbone\.0\.body\.layer(\d)\.(\d+)\.bn(\d)\."), None),
-    (re.compile(r"^backbone\.0\.body\.layer(\d)\.(\d+)\.downsample\.0\."), None),
-    (re.compile(r"^backbone\.0\.body\.layer(\d)\.(\d+)\.downsample\.1\."), None),
-]
 
 
 def safe_torch_load(path: str) -> Dict:
     """``torch.load(weights_only=True)`` that also accepts the ``argparse.Namespace`` official
     DETR files carry under ``args``, and refuses any other pickled object with a clear error."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        # not a ``safe_globals`` block: its exit would remove the Namespace that Detectron2's own
+        # checkpointer needs for official files (see detr_d2/compat.py)
+        allow_official_args_namespace()
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise pickle.UnpicklingError(
             f"Refusing to load {path}: it contains pickled objects other than tensors, plain "

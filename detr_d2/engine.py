@@ -13,12 +13,13 @@ from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 
 from .checkpoint import DetrCheckpointer
+from .compat import start_data_loader
 from .data import DetrDatasetMapper, drop_degenerate_boxes
 from .data.categories import check_labels_fit
 from .ema import EMAHook, unwrap
 from .layout import layout_from_cfg, set_layout_keys
 from .evaluation import EVALUATORS, coco_evaluators, cocoeval_class
-from .model_report import log_model_report
+from .dev.model_report import log_model_report
 from .modeling.inference_graph import inference_model
 from .precision import precision_dtype
 from .data.resumable import ResumableTrainingSampler, SeededMapDataset, rng_state, set_rng_state
@@ -101,9 +102,7 @@ class _DetrAMPTrainer(_NonFiniteLossCheck, AMPTrainer):
     def __init__(self, model, data_loader, optimizer, precision: torch.dtype):
         device_type = next(model.parameters()).device.type
         scaler = torch.amp.GradScaler(device_type, enabled=precision == torch.float16)
-        # precision set here: Detectron2 releases before 2023 have no AMPTrainer(precision=)
-        super().__init__(model, data_loader, optimizer, grad_scaler=scaler)
-        self.precision = precision
+        super().__init__(model, data_loader, optimizer, grad_scaler=scaler, precision=precision)
         self.device_type = device_type
 
     def run_step(self):
@@ -193,7 +192,7 @@ class DetrTrainer(DefaultTrainer):
                 logger.info(f"Resuming the training data at sample {self.data_sampler.start}.")
         # Start the data loader now: creating its iterator draws from the global torch RNG, which
         # an uninterrupted run did before the checkpointed RNG state was taken.
-        self._trainer._data_loader_iter
+        start_data_loader(self._trainer)
         if self._loaded_rng_state is not None:
             set_rng_state(self._loaded_rng_state)
 

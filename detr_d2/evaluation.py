@@ -1,10 +1,8 @@
 """Evaluators for each dataset ``evaluator_type`` (``EVALUATORS``), and the COCOeval backend
 they compute box and mask AP with (``TEST.COCO_EVAL_BACKEND``)."""
 
-import functools
 import importlib.metadata
 import logging
-import types
 from typing import Callable, Dict, List
 
 from detectron2.config import CfgNode
@@ -16,6 +14,8 @@ from detectron2.evaluation import (
     coco_evaluation,
 )
 from detectron2.utils.logger import log_first_n
+
+from .compat import detectron2_takes_cocoeval_class, eval_predictions_with
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def cocoeval_class(cfg: CfgNode) -> type:
             f"choose one of {', '.join(map(repr, COCO_EVAL_BACKENDS))}."
         )
     cocoeval, reason = None, ""
-    if backend != "pycocotools" and not _detectron2_takes_cocoeval_class():
+    if backend != "pycocotools" and not detectron2_takes_cocoeval_class():
         # e.g. Detectron2 v0.6 picks its COCOeval class inside _evaluate_predictions_on_coco
         message = (
             "this Detectron2's COCOEvaluator._eval_predictions does not pick its COCOeval class "
@@ -79,31 +79,6 @@ def _installed_version(distribution: str) -> str:
         return "(version unknown)"
 
 
-def _detectron2_takes_cocoeval_class() -> bool:
-    names = COCOEvaluator._eval_predictions.__code__.co_names
-    return "COCOeval" in names and "COCOeval_opt" in names
-
-
-@functools.lru_cache(maxsize=None)
-def _eval_predictions_with(cocoeval: type) -> Callable:
-    """Detectron2's ``COCOEvaluator._eval_predictions`` run as it is, except that its global names
-    ``COCOeval`` and ``COCOeval_opt`` (the classes it passes to ``_evaluate_predictions_on_coco``)
-    are ``cocoeval``: the function gets its own copy of the module globals, so Detectron2's module
-    and every other evaluator keep pycocotools."""
-    method = COCOEvaluator._eval_predictions
-    if not _detectron2_takes_cocoeval_class():
-        raise RuntimeError(
-            "This Detectron2's COCOEvaluator._eval_predictions no longer picks its COCOeval class "
-            "from the module names COCOeval/COCOeval_opt, so TEST.COCO_EVAL_BACKEND cannot be "
-            "applied: set it 'pycocotools' and update detr_d2/evaluation.py."
-        )
-    function_globals = {**method.__globals__, "COCOeval": cocoeval, "COCOeval_opt": cocoeval}
-    function = types.FunctionType(
-        method.__code__, function_globals, method.__name__, method.__defaults__, method.__closure__
-    )
-    return functools.update_wrapper(function, method)
-
-
 class BackendCOCOEvaluator(COCOEvaluator):
     """Detectron2's ``COCOEvaluator`` (box and mask AP, per-category AP) computed with the given
     COCOeval class (see :func:`cocoeval_class`) instead of the pycocotools one Detectron2 imports.
@@ -121,7 +96,7 @@ class BackendCOCOEvaluator(COCOEvaluator):
     def _eval_predictions(self, predictions, img_ids=None):
         if self._cocoeval is coco_evaluation.COCOeval:  # pycocotools: Detectron2's code as it is
             return super()._eval_predictions(predictions, img_ids=img_ids)
-        return _eval_predictions_with(self._cocoeval)(self, predictions, img_ids=img_ids)
+        return eval_predictions_with(self._cocoeval)(self, predictions, img_ids=img_ids)
 
 
 class _ThingCOCOEvaluator(BackendCOCOEvaluator):

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .compat import cpu_has_native_bf16
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,10 +44,7 @@ def _auto_precision(device_type: str) -> str:
 
 
 def _cpu_has_native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # older or oneDNN-less builds: assume not
-        return False
+    return cpu_has_native_bf16()  # a module-level name, so tests can pretend either CPU
 
 
 def autocast(device_type: str, dtype: torch.dtype):

@@ -4,7 +4,8 @@ from typing import Dict, List, Type
 import torch
 from detectron2.config import CfgNode
 from detectron2.solver.build import get_default_optimizer_params
-from detectron2.utils.events import _CURRENT_STORAGE_STACK  # get_event_storage() asserts outside
+
+from .compat import current_event_storage
 
 
 def optimizer_param_groups(cfg: CfgNode, model: torch.nn.Module):
@@ -56,8 +57,9 @@ def _with_full_model_clipping(optimizer_type: Type[torch.optim.Optimizer], max_n
         def step(self, closure=None):
             params = [p for group in self.param_groups for p in group["params"]]
             total_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
-            if _CURRENT_STORAGE_STACK:  # inside a training loop: make divergence visible
-                _CURRENT_STORAGE_STACK[-1].put_scalar("grad_norm", total_norm.item(), smoothing_hint=False)
+            storage = current_event_storage()
+            if storage is not None:  # inside a training loop: make divergence visible
+                storage.put_scalar("grad_norm", total_norm.item(), smoothing_hint=False)
             return super().step(closure=closure)
 
     FullModelClipping.__name__ = optimizer_type.__name__ + "WithFullModelGradientClip"

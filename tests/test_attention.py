@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, build_model_no_weights, load_tool, reference_model, tiny_cfg, write_cfg
+from helpers import REPO, assert_close, build_model_no_weights, load_tool, reference_model, tiny_cfg, write_cfg
 from detr_d2.attention import (
     CapturedAttention,
     attention_to_image,
@@ -20,11 +20,6 @@ from detr_d2.attention import (
 )
 
 ATOL = 5e-5  # the fixtures' suggested tolerance for attention maps
-
-
-def assert_close(actual, expected, atol, name):
-    diff = (actual.float() - expected.float()).abs().max().item()
-    assert diff <= atol, f"{name}: max abs difference {diff:.3g} > {atol}"
 
 
 def attention_modules(model):

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, build_model_no_weights, cfg_for_manifest, load_reference, make_upstream_checkpoint, tiny_cfg
+from helpers import REPO, build_model_no_weights, cfg_for_manifest, load_reference, make_upstream_checkpoint, tiny_cfg
 from detr_d2.checkpoint import DetrCheckpointer, convert_official_state_dict, download_weights, safe_torch_load
 from detr_d2.data import coco_class_rows
 

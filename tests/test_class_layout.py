@@ -8,7 +8,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor
 
-from conftest import (
+from helpers import (
     CONFIGS,
     build_model_no_weights,
     cfg_for_manifest,
@@ -101,7 +101,7 @@ def _panoptic_sample_cfg():
 
 def test_panoptic_sample_layout_same_with_and_without_datasets(tmp_path):
     from detr_d2.data import register_datasets_from_cfg
-    from detr_d2.data.sample_panoptic import generate_panoptic_dataset
+    from detr_d2.data.samples.panoptic import generate_panoptic_dataset
 
     unregistered = layout_from_cfg(_panoptic_sample_cfg())
     assert unregistered.names == ("face", "ball", "sky", "wall", "ground")

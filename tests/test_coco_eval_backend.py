@@ -20,7 +20,7 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from conftest import make_cfg
+from helpers import make_cfg
 from detr_d2.evaluation import (
     BackendCOCOEvaluator,
     _ThingCOCOEvaluator,
@@ -277,7 +277,7 @@ def test_detectron2_without_the_class_hook_falls_back(monkeypatch):
     pycocotools instead of failing at the end of a training run; an explicit request fails early."""
     from detr_d2 import evaluation
 
-    monkeypatch.setattr(evaluation, "_detectron2_takes_cocoeval_class", lambda: False)
+    monkeypatch.setattr(evaluation, "detectron2_takes_cocoeval_class", lambda: False)
     assert cocoeval_class(make_cfg()) is coco_evaluation.COCOeval
     with pytest.raises(RuntimeError, match="TEST.COCO_EVAL_BACKEND='faster_coco_eval' cannot be applied"):
         cocoeval_class(make_cfg(opts=["TEST.COCO_EVAL_BACKEND", "faster_coco_eval"]))

@@ -4,7 +4,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from conftest import CONFIGS, make_cfg
+from helpers import CONFIGS, make_cfg
 from detr_d2 import add_detr_config
 
 CONFIG_FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
@@ -55,7 +55,7 @@ def test_invalid_values_rejected_with_key(key, value):
 
 def test_bgr_input_is_reordered_to_rgb():
     """The backbone always sees RGB: a BGR image with BGR statistics gives the same outputs."""
-    from conftest import tiny_cfg
+    from helpers import tiny_cfg
 
     rgb_cfg = tiny_cfg()
     bgr_cfg = tiny_cfg()

@@ -3,7 +3,7 @@ configs/detr_r50.yaml: same parameters, same frozen set, same outputs with the s
 import torch
 from detectron2.config import LazyConfig, instantiate
 
-from conftest import CONFIGS, build_model_no_weights, make_cfg
+from helpers import CONFIGS, build_model_no_weights, make_cfg
 from detr_d2.solver import detr_param_groups
 
 LAZY = CONFIGS / "lazy" / "detr_r50.py"

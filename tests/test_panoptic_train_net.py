@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO
-from detr_d2.data.sample_panoptic import generate_panoptic_dataset
+from helpers import CONFIGS, REPO
+from detr_d2.data.samples.panoptic import generate_panoptic_dataset
 
 QUICK = CONFIGS / "quick_schedules"
 

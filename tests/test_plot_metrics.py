@@ -10,7 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import REPO, load_tool
+from helpers import REPO, load_tool
 
 TERMS = ("loss_ce", "loss_bbox", "loss_giou")
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from detectron2.utils.visualizer import Visualizer
 
-from conftest import CONFIGS, build_model_no_weights, load_tool, make_cfg, sample_face_opts, write_cfg
+from helpers import CONFIGS, build_model_no_weights, load_tool, make_cfg, sample_face_opts, write_cfg
 from detr_d2.engine import build_checkpointer
 from detr_d2.predictor import DetrPredictor, list_images
 

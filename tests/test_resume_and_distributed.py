@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, coco_dataset_opts, sample_face_opts
+from helpers import CONFIGS, REPO, coco_dataset_opts, sample_face_opts
 from detr_d2.checkpoint import DetrCheckpointer
-from detr_d2.data.sample_faces import generate_face_dataset
+from detr_d2.data.samples.faces import generate_face_dataset
 
 INSTANT = CONFIGS / "quick_schedules" / "detr_face_sample_instant_test.yaml"
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from conftest import tiny_cfg
+from helpers import tiny_cfg
 from detr_d2.solver import build_detr_optimizer
 
 

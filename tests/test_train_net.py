@@ -7,22 +7,12 @@ import sys
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO, sample_face_opts
-
-INSTANT = CONFIGS / "quick_schedules" / "detr_face_sample_instant_test.yaml"
+from helpers import CONFIGS, INSTANT, REPO, sample_face_opts, train_net
 
 
 @pytest.fixture(scope="module")
 def sample_data(tmp_path_factory):
     return sample_face_opts(tmp_path_factory.mktemp("faces"), "faces_tiny", num_train=12, num_val=6, seed=3)
-
-
-def train_net(*args):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tools/train_net.py"), *map(str, args)], capture_output=True, text=True, cwd=REPO
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stderr + result.stdout
 
 
 def test_train_resume_and_evaluate(sample_data, tmp_path):

@@ -25,6 +25,11 @@ DETR's mapper. The record (printed, and written to ``--output``, default
 ``--table A.json B.json ...`` prints records side by side as a markdown table.
 Arguments after the options are config overrides (``KEY VALUE`` pairs).
 """
+import warnings
+
+# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
 import argparse
 import json
 import logging
@@ -37,13 +42,13 @@ from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
 from detr_d2 import add_detr_config
-from detr_d2.benchmark import TASKS, markdown_table, run_benchmark
+from detr_d2.dev.benchmark import TASKS, markdown_table, run_benchmark
 from detr_d2.data import register_datasets_from_cfg
 from detr_d2.engine import resolve_device
 from detr_d2.export import BACKENDS, exported_model
 from detr_d2.predictor import DetrPredictor
 
-logger = logging.getLogger("detr_d2.benchmark")
+logger = logging.getLogger("detr_d2.dev.benchmark")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

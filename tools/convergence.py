@@ -11,12 +11,17 @@ report (tables of AP50/AP per evaluation, seconds per iteration, PNG curves) in 
 variant's seconds per iteration alone (``--speed-iters``, or reads ``--speeds JSON``) for the
 wall-clock axis.
 """
+import warnings
+
+# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
 import argparse
 import json
 import logging
 import sys
 
-from detr_d2.convergence import collect, load_spec, markdown_report, measure_speed, plot_curves, run_experiment
+from detr_d2.dev.convergence import collect, load_spec, markdown_report, measure_speed, plot_curves, run_experiment
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,11 @@ Detectron2-format file for detr_d2, and report what was converted.
 `MODEL.WEIGHTS` also accepts the official file directly (it is converted on load); converting once
 saves the work at every start and lets you inspect the key table.
 """
+import warnings
+
+# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
 import argparse
 import logging
 

@@ -23,6 +23,11 @@ checkpoint). Runs on CPU when no GPU is present. Arguments after
 the options are config overrides (``KEY VALUE`` pairs).
 """
 
+import warnings
+
+# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
 import argparse
 import json
 import logging

@@ -20,6 +20,11 @@ when the last option is ``--input`` or ``--points`` (which take several values),
 ``--opts``: ``... --points 10,20 --opts INPUT.MIN_SIZE_TEST 600``.
 """
 
+import warnings
+
+# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
 import argparse
 import logging
 import sys

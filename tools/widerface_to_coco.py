@@ -12,6 +12,11 @@ faces are kept as negatives, and boxes are clipped to the image.
 
 from __future__ import annotations
 
+import warnings
+
+# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
 import argparse
 import json
 import logging

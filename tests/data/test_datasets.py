@@ -5,7 +5,7 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from conftest import tiny_cfg
+from helpers import tiny_cfg
 from detr_d2.data import drop_degenerate_boxes, register_datasets_from_cfg
 
 

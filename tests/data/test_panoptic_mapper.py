@@ -12,7 +12,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from conftest import tiny_cfg
+from helpers import tiny_cfg
 from detr_d2.data import (
     DetrDatasetMapper,
     coco_class_rows,
@@ -20,7 +20,7 @@ from detr_d2.data import (
     thing_ids_from_cfg,
 )
 from detr_d2.data.panoptic import rgb2id
-from detr_d2.data.sample_panoptic import CATEGORIES, generate_panoptic_dataset
+from detr_d2.data.samples.panoptic import CATEGORIES, generate_panoptic_dataset
 
 
 @pytest.fixture(scope="module")

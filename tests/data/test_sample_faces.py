@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Dict, List
@@ -12,10 +11,10 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from detr_d2.data.sample_faces import EMPTY_EVERY, generate_face_dataset
+from helpers import load_tool
+from detr_d2.data.samples.faces import EMPTY_EVERY, generate_face_dataset
 
 NUM_TRAIN, NUM_VAL, SEED = EMPTY_EVERY, 4, 3
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _files(root: Path) -> Dict[str, bytes]:
@@ -138,17 +137,12 @@ def test_skip_if_up_to_date(tmp_path: Path) -> None:
 
 
 def test_rejects_negative_counts(tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="image counts must be >= 0, got num_train=-1"):
         generate_face_dataset(tmp_path, -1, 1, 0)
 
 
 def test_tool_entry_point(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "make_sample_faces", REPO / "tools" / "make_sample_faces.py"
-    )
-    assert spec is not None and spec.loader is not None
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("make_sample_faces")
     out = tmp_path / "out"
     args = ["--out", str(out), "--num-train", "2", "--num-val", "1", "--seed", "5"]
     assert tool.main(args) == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -12,9 +11,9 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from helpers import load_tool
 from detr_d2.data.widerface import parse_widerface_gt, widerface_to_coco
 
-REPO = Path(__file__).resolve().parents[2]
 
 # Same layout as wider_face_train_bbx_gt.txt. Image sizes are set up in the `wider` fixture.
 GT = """\
@@ -159,12 +158,7 @@ def test_malformed(tmp_path: Path, text: str, line: int) -> None:
 
 
 def test_tool_entry_point(wider: Tuple[Path, Path], tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "widerface_to_coco_tool", REPO / "tools" / "widerface_to_coco.py"
-    )
-    assert spec is not None and spec.loader is not None
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("widerface_to_coco")
     out = tmp_path / "out" / "train.json"
     assert tool.main(["--gt", str(wider[0]), "--images", str(wider[1]), "--out", str(out)]) == 0
     coco = COCO(str(out))

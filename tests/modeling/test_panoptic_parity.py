@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
+    assert_close,
     build_model_no_weights,
     cfg_for_manifest,
     load_reference,
@@ -51,11 +52,6 @@ def run(upstream):
         "inputs": inputs,
         "raw": model.predict_raw(inputs),
     }
-
-
-def assert_close(actual, expected, atol, name):
-    diff = (actual.float() - expected.float()).abs().max().item()
-    assert diff <= atol, f"{name}: max abs difference {diff:.3g} > {atol}"
 
 
 def test_every_official_key_is_loaded(run, upstream):

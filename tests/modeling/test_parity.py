@@ -9,7 +9,7 @@ import pytest
 import torch
 from detectron2.utils.events import EventStorage
 
-from conftest import build_model_no_weights, cfg_for_manifest, load_reference, make_upstream_checkpoint, reference_inputs
+from helpers import assert_close, build_model_no_weights, cfg_for_manifest, load_reference, make_upstream_checkpoint, reference_inputs
 from detr_d2.engine import build_checkpointer
 
 VARIANTS = ["r50", "r50_dc5"]
@@ -26,11 +26,6 @@ def run(request, tmp_path_factory):
     model.eval()
     inputs = reference_inputs(expected)
     return {"expected": expected, "model": model, "inputs": inputs, "raw": model.predict_raw(inputs)}
-
-
-def assert_close(actual, expected, atol, name):
-    diff = (actual.float() - expected.float()).abs().max().item()
-    assert diff <= atol, f"{name}: max abs difference {diff:.3g} > {atol}"
 
 
 def test_input_checksum(run):

@@ -21,7 +21,11 @@ from PIL import Image, ImageDraw
 
 from .generated import PARAMS_FILE, generate_splits_once
 
-__all__ = ["generate_face_dataset", "render_image", "CATEGORIES", "GENERATOR_VERSION"]
+# Face, rgb, ellipse_points and SUPERSAMPLE are shared with the panoptic scene generator.
+__all__ = [
+    "generate_face_dataset", "render_image", "CATEGORIES", "GENERATOR_VERSION", "SUPERSAMPLE", "Face", "ellipse_points",
+    "rgb",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ Point = Tuple[float, float]
 Box = Tuple[float, float, float, float]  # x0, y0, x1, y1
 
 
-def _colour(values: Sequence[float]) -> Tuple[int, int, int]:
+def rgb(values: Sequence[float]) -> Tuple[int, int, int]:
     """Clip to 0..255 ints (PIL wants plain ints)."""
     r, g, b = (int(min(255, max(0, round(float(v))))) for v in values)
     return r, g, b
@@ -90,12 +94,12 @@ def _non_skin_colour(rng: np.random.Generator) -> Tuple[int, int, int]:
         sat = rng.uniform(0.25, 0.9)
         hue = rng.uniform(70.0, 300.0) / 360.0
     val = rng.uniform(0.15, 0.95)
-    return _colour(255.0 * np.array(colorsys.hsv_to_rgb(hue, sat, val)))
+    return rgb(255.0 * np.array(colorsys.hsv_to_rgb(hue, sat, val)))
 
 
 def _mix(a: Sequence[float], b: Sequence[float], t: float) -> Tuple[int, int, int]:
     """Linear blend of two colours (t = weight of b)."""
-    return _colour([(1.0 - t) * x + t * y for x, y in zip(a, b)])
+    return rgb([(1.0 - t) * x + t * y for x, y in zip(a, b)])
 
 
 def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
@@ -142,13 +146,13 @@ def _draw_clutter(
             draw.polygon([tuple(p) for p in pts], fill=colour)
 
 
-def _ellipse(cx: float, cy: float, rx: float, ry: float, n: int = ELLIPSE_POINTS) -> np.ndarray:
+def ellipse_points(cx: float, cy: float, rx: float, ry: float, n: int = ELLIPSE_POINTS) -> np.ndarray:
     """Polygon (n x 2) of an axis-aligned ellipse in face-local coordinates."""
     t = np.linspace(0.0, 2.0 * math.pi, n, endpoint=False)
     return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
 
 
-class _Face:
+class Face:
     """Random cartoon-face parameters in face-local coordinates (origin = head centre, y down).
 
     Everything is kept as polygons so that the drawn pixels, the tight box and the segmentation
@@ -171,8 +175,8 @@ class _Face:
         limit = 25.0 if large_pose else 5.0
         self.angle = math.radians(rng.uniform(-limit, limit))
         base = np.array(SKIN_TONES[int(rng.integers(len(SKIN_TONES)))], dtype=np.float64)
-        self.skin = _colour(base + rng.normal(0.0, 6.0, size=3))
-        self.hair = _colour(
+        self.skin = rgb(base + rng.normal(0.0, 6.0, size=3))
+        self.hair = rgb(
             np.array(HAIR_COLOURS[int(rng.integers(len(HAIR_COLOURS)))]) + rng.normal(0, 5, 3)
         )
         self.rng = rng
@@ -219,7 +223,7 @@ class _Face:
             return max(1, int(round(px * s)))
 
         skin_dark = _mix(self.skin, (40, 20, 10), 0.35)
-        head = _ellipse(0.0, 0.0, rx, ry)
+        head = ellipse_points(0.0, 0.0, rx, ry)
         draw.polygon(pts(head), fill=self.skin)
         if rng.random() < 0.5:
             closed = np.concatenate([head, head[:1]], axis=0)
@@ -227,14 +231,14 @@ class _Face:
         if rng.random() < 0.25:  # cheeks
             blush = _mix(self.skin, (225, 110, 115), 0.35)
             for sx in (-1.0, 1.0):
-                cheek = _ellipse(sx * 0.5 * rx, 0.25 * ry, 0.16 * rx, 0.1 * ry)
+                cheek = ellipse_points(sx * 0.5 * rx, 0.25 * ry, 0.16 * rx, 0.1 * ry)
                 draw.polygon(pts(cheek), fill=blush)
         if self.has_hair:
             draw.polygon(pts(self.hair_local()), fill=self.hair)
 
         # Eyes.
         ex, ey = rng.uniform(0.28, 0.42) * rx, -rng.uniform(0.05, 0.2) * ry
-        eye_dark = _colour(rng.uniform(10, 60, size=3))
+        eye_dark = rgb(rng.uniform(10, 60, size=3))
         gaze = rng.uniform(-0.05, 0.05) * rx
         # Dark eyes vanish on dark skin: those faces mostly get white sclera.
         dark_skin = sum(self.skin) < 3 * 110
@@ -242,12 +246,12 @@ class _Face:
         dark_w, dark_h = rng.uniform(0.08, 0.13) * rx, rng.uniform(0.08, 0.13) * ry
         for sx in (-1.0, 1.0):
             if sclera:
-                white = _ellipse(sx * ex, ey, 0.17 * rx, 0.11 * ry)
-                draw.polygon(pts(white), fill=_colour(rng.uniform(235, 255, size=3)))
-                pupil = _ellipse(sx * ex + gaze, ey, 0.08 * rx, 0.09 * ry)
+                white = ellipse_points(sx * ex, ey, 0.17 * rx, 0.11 * ry)
+                draw.polygon(pts(white), fill=rgb(rng.uniform(235, 255, size=3)))
+                pupil = ellipse_points(sx * ex + gaze, ey, 0.08 * rx, 0.09 * ry)
                 draw.polygon(pts(pupil), fill=eye_dark)
             else:
-                draw.polygon(pts(_ellipse(sx * ex, ey, dark_w, dark_h)), fill=eye_dark)
+                draw.polygon(pts(ellipse_points(sx * ex, ey, dark_w, dark_h)), fill=eye_dark)
         if rng.random() < 0.4:  # eyebrows
             brow = self.hair if self.has_hair else skin_dark
             lift = rng.uniform(0.2, 0.3) * ry
@@ -265,7 +269,7 @@ class _Face:
         lips = _mix((150, 40, 50), self.skin, rng.uniform(0.0, 0.3))
         kind = rng.random()
         if kind < 0.25:
-            draw.polygon(pts(_ellipse(0.0, my, 0.7 * mw, rng.uniform(0.05, 0.1) * ry)), fill=lips)
+            draw.polygon(pts(ellipse_points(0.0, my, 0.7 * mw, rng.uniform(0.05, 0.1) * ry)), fill=lips)
         else:
             curve = rng.uniform(0.04, 0.14) * ry if kind < 0.75 else rng.uniform(-0.02, 0.02) * ry
             x = np.linspace(-mw, mw, 12)
@@ -318,7 +322,7 @@ def render_image(rng: np.random.Generator, empty: bool) -> Tuple[Image.Image, Li
         for attempt in range(PLACEMENT_TRIES):
             # Later attempts try smaller faces so that crowded images still fit their faces.
             top = max(MIN_FACE_HEIGHT, max_height * (1.0 - attempt / (1.5 * PLACEMENT_TRIES)))
-            face = _Face(rng, rng.uniform(MIN_FACE_HEIGHT, top))
+            face = Face(rng, rng.uniform(MIN_FACE_HEIGHT, top))
             outline = face.outline_local() @ face.rotation().T
             lo, hi = outline.min(axis=0), outline.max(axis=0)
             cx_range = (-lo[0] - MAX_CUT, width - hi[0] + MAX_CUT)
@@ -381,7 +385,7 @@ def _generate_split(out_dir: Path, split: str, num_images: int, seed: int) -> Di
     coco = {
         "info": {
             "description": "Synthetic cartoon faces (not real people) for the detr_d2 CPU demo",
-            "generator": "tools/make_sample_faces.py (detr_d2.data.sample_faces)",
+            "generator": "tools/make_sample_faces.py (detr_d2.data.samples.faces)",
             "generator_version": GENERATOR_VERSION,
             "seed": seed,
             "split": split,

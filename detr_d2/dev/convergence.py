@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def load_spec(path: str) -> Dict:

@@ -3,7 +3,7 @@
 Why: the panoptic CPU demo and tests need things *and* stuff that a small DETR learns from
 scratch in minutes, offline, byte-identical wherever generated. Each scene has stuff regions
 (sky, a brick wall, the ground below a wavy horizon) and a few things (the cartoon faces of
-:mod:`.sample_faces`, and striped balls). The label map is drawn at the final resolution from the
+:mod:`.faces`, and striped balls). The label map is drawn at the final resolution from the
 same geometry as the (supersampled, antialiased) image.
 
 Written under ``out_dir``: ``{split}/*.png`` images, ``panoptic_{split}/*.png`` COCO panoptic
@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from .generated import PARAMS_FILE, generate_splits_once
 # the cartoon faces of the sample face dataset, drawn the same way here
-from .sample_faces import SUPERSAMPLE, _colour, _ellipse, _Face
+from .faces import SUPERSAMPLE, Face, ellipse_points, rgb
 
 __all__ = ["generate_panoptic_dataset", "render_scene", "CATEGORIES", "GENERATOR_VERSION"]
 
@@ -143,7 +143,7 @@ def _stuff_pixels(rng: np.random.Generator, stuff: np.ndarray) -> np.ndarray:
 
 
 def _ball_polygon(centre: Tuple[float, float], radius: float, squash: float = 1.0) -> Polygon:
-    return _ellipse(centre[0], centre[1], radius, radius * squash)
+    return ellipse_points(centre[0], centre[1], radius, radius * squash)
 
 
 def _draw_ball(
@@ -152,11 +152,11 @@ def _draw_ball(
     """A ball with a contrasting band and a highlight, all inside its circle."""
     s = SUPERSAMPLE
     colour = np.array(BALL_COLOURS[int(rng.integers(len(BALL_COLOURS)))], dtype=np.float64)
-    band = _colour(np.clip(colour + rng.choice([-1.0, 1.0]) * 110.0, 0, 255))
+    band = rgb(np.clip(colour + rng.choice([-1.0, 1.0]) * 110.0, 0, 255))
     cx, cy = centre
     draw.ellipse(
         [(cx - radius) * s, (cy - radius) * s, (cx + radius) * s, (cy + radius) * s],
-        fill=_colour(colour),
+        fill=rgb(colour),
     )
     inner = radius * rng.uniform(0.45, 0.7)
     draw.ellipse(
@@ -164,7 +164,7 @@ def _draw_ball(
     )
     core = inner * 0.6
     draw.ellipse(
-        [(cx - core) * s, (cy - core) * s, (cx + core) * s, (cy + core) * s], fill=_colour(colour)
+        [(cx - core) * s, (cy - core) * s, (cx + core) * s, (cy + core) * s], fill=rgb(colour)
     )
     hx, hy, hr = cx - 0.45 * radius, cy - 0.45 * radius, 0.18 * radius
     draw.ellipse([(hx - hr) * s, (hy - hr) * s, (hx + hr) * s, (hy + hr) * s], fill=(250, 250, 250))
@@ -200,7 +200,7 @@ def render_scene(rng: np.random.Generator) -> Tuple[Image.Image, np.ndarray, Lis
     for kind in kinds:
         for _ in range(PLACEMENT_TRIES):
             if kind == FACE:
-                face = _Face(
+                face = Face(
                     rng,
                     rng.uniform(MIN_FACE_HEIGHT, min(MAX_FACE_HEIGHT, 0.6 * min(width, height))),
                 )
@@ -317,7 +317,7 @@ def _generate_split(out_dir: Path, split: str, num_images: int, seed: int) -> Di
     info = {
         "description": "Synthetic scenes (sky, wall, ground; cartoon faces, balls) "
         "for the detr_d2 panoptic demo",
-        "generator": "tools/make_sample_panoptic.py (detr_d2.data.sample_panoptic)",
+        "generator": "tools/make_sample_panoptic.py (detr_d2.data.samples.panoptic)",
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "split": split,
