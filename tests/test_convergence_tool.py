@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from conftest import load_tool
-from detr_d2.convergence import collect, markdown_report, read_curve, train_command
+from helpers import load_tool
+from detr_d2.dev.convergence import collect, markdown_report, read_curve, train_command
 
 SPEC = {
     "config": "configs/detr_face_sample.yaml",

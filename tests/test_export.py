@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (
+from helpers import (
     CONFIGS,
     build_model_no_weights,
     cfg_for_manifest,
