@@ -99,6 +99,10 @@ def add_detr_config(cfg: CN) -> None:
     # Speed (docs/benchmarks.md). Backbone activations and weights in channels-last memory
     # format (NHWC), in training and inference: faster convolutions with oneDNN and cuDNN.
     cfg.MODEL.DETR.CHANNELS_LAST = False
+    # Compute the transformer's attention in fp32 inside bf16/fp16 autocast (training and
+    # inference): on CPUs without AMX, PyTorch's bf16 flash-attention kernel (backward above all)
+    # is 1.5-6x slower than its fp32 kernel at DETR's sizes (docs/convergence.md).
+    cfg.MODEL.DETR.ATTENTION_FP32 = False
     # Inference precision: "fp32", "bf16" (CPU with AVX512-BF16/AMX, Ampere+ GPUs), "fp16"
     # (GPU only) or "auto" (bf16 where native, else fp32 on CPU / fp16 on GPU). bf16/fp16 run
     # the network under torch.autocast; post-processing stays fp32.

@@ -283,6 +283,7 @@ class Detr(nn.Module):
             dropout=detr.DROPOUT,
             normalize_before=detr.PRE_NORM,
             return_intermediate_dec=detr.DEEP_SUPERVISION,
+            attention_fp32=detr.ATTENTION_FP32,
         )
         return {
             "backbone": backbone,

@@ -22,13 +22,30 @@ def _clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
 
 
+def _attention(attn: nn.MultiheadAttention, fp32: bool, query, key, value, **kwargs) -> torch.Tensor:
+    """``attn(query, key, value, need_weights=False, **kwargs)[0]``; with ``fp32`` inside an
+    autocast region, computed in fp32: PyTorch's CPU flash-attention kernel is 1.5-6x slower in
+    bf16 than in fp32 on CPUs without AMX (measured in docs/convergence.md)."""
+    if fp32 and torch.is_autocast_enabled(query.device.type):
+        with torch.autocast(query.device.type, enabled=False):
+            return attn(query.float(), key.float(), value.float(), need_weights=False, **kwargs)[0]
+    return attn(query, key, value, need_weights=False, **kwargs)[0]
+
+
 class TransformerEncoderLayer(nn.Module):
     """Self-attention + FFN; position added to queries and keys only (not to values)."""
 
     def __init__(
-        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, normalize_before: bool
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int,
+        dropout: float,
+        normalize_before: bool,
+        attention_fp32: bool = False,
     ):
         super().__init__()
+        self.attention_fp32 = attention_fp32
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
@@ -41,7 +58,7 @@ class TransformerEncoderLayer(nn.Module):
 
     def _attend(self, x, pos, key_padding_mask):
         q = k = _with_pos(x, pos)
-        return self.self_attn(q, k, value=x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        return _attention(self.self_attn, self.attention_fp32, q, k, x, key_padding_mask=key_padding_mask)
 
     def _ffn(self, x):
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
@@ -61,9 +78,16 @@ class TransformerDecoderLayer(nn.Module):
     """Query self-attention, cross-attention to the memory, FFN."""
 
     def __init__(
-        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float, normalize_before: bool
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int,
+        dropout: float,
+        normalize_before: bool,
+        attention_fp32: bool = False,
     ):
         super().__init__()
+        self.attention_fp32 = attention_fp32
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -79,16 +103,17 @@ class TransformerDecoderLayer(nn.Module):
 
     def _self_attend(self, x, query_pos, attn_mask):
         q = k = _with_pos(x, query_pos)
-        return self.self_attn(q, k, value=x, attn_mask=attn_mask, need_weights=False)[0]
+        return _attention(self.self_attn, self.attention_fp32, q, k, x, attn_mask=attn_mask)
 
     def _cross_attend(self, x, memory, memory_key_padding_mask, pos, query_pos):
-        return self.multihead_attn(
-            query=_with_pos(x, query_pos),
-            key=_with_pos(memory, pos),
-            value=memory,
+        return _attention(
+            self.multihead_attn,
+            self.attention_fp32,
+            _with_pos(x, query_pos),
+            _with_pos(memory, pos),
+            memory,
             key_padding_mask=memory_key_padding_mask,
-            need_weights=False,
-        )[0]
+        )
 
     def _ffn(self, x):
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
@@ -167,6 +192,7 @@ class Transformer(nn.Module):
         dropout: float = 0.1,
         normalize_before: bool = False,
         return_intermediate_dec: bool = False,
+        attention_fp32: bool = False,
     ):
         super().__init__()
         if d_model % nhead != 0:
@@ -174,13 +200,13 @@ class Transformer(nn.Module):
                 f"MODEL.DETR.HIDDEN_DIM ({d_model}) must be divisible by MODEL.DETR.NHEADS ({nhead})."
             )
         encoder_layer = TransformerEncoderLayer(
-            d_model, nhead, dim_feedforward, dropout, normalize_before
+            d_model, nhead, dim_feedforward, dropout, normalize_before, attention_fp32
         )
         self.encoder = TransformerEncoder(
             encoder_layer, num_encoder_layers, nn.LayerNorm(d_model) if normalize_before else None
         )
         decoder_layer = TransformerDecoderLayer(
-            d_model, nhead, dim_feedforward, dropout, normalize_before
+            d_model, nhead, dim_feedforward, dropout, normalize_before, attention_fp32
         )
         self.decoder = TransformerDecoder(
             decoder_layer, num_decoder_layers, nn.LayerNorm(d_model), return_intermediate_dec
