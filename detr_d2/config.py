@@ -103,6 +103,10 @@ def add_detr_config(cfg: CN) -> None:
     # inference): on CPUs without AMX, PyTorch's bf16 flash-attention kernel (backward above all)
     # is 1.5-6x slower than its fp32 kernel at DETR's sizes (docs/convergence.md).
     cfg.MODEL.DETR.ATTENTION_FP32 = False
+    # Pad training batches to a multiple of this many pixels (0: to the largest image of the
+    # batch, as the official code). With varied image sizes every new batch shape makes oneDNN
+    # create new convolution kernels; a multiple of 32 leaves a few shapes (docs/convergence.md).
+    cfg.MODEL.DETR.SIZE_DIVISIBILITY_TRAIN = 0
     # Inference precision: "fp32", "bf16" (CPU with AVX512-BF16/AMX, Ampere+ GPUs), "fp16"
     # (GPU only) or "auto" (bf16 where native, else fp32 on CPU / fp16 on GPU). bf16/fp16 run
     # the network under torch.autocast; post-processing stays fp32.

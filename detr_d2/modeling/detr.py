@@ -106,6 +106,7 @@ class Detr(nn.Module):
         score_activation: str = "softmax",
         dense_head: Optional[DenseAuxHead] = None,
         dense_weight: float = 1.0,
+        size_divisibility_train: int = 0,
     ):
         """
         Args:
@@ -137,6 +138,9 @@ class Detr(nn.Module):
                 used in training only; inference runs the plain queries.
             dense_head: a training-only dense detection head on the encoder output.
             dense_weight: weight of its losses.
+            size_divisibility_train: pad training batches to a multiple of this (0: to the
+                largest image, as the official batching): few distinct batch shapes let oneDNN
+                reuse its convolution kernels instead of creating new ones for every batch.
             one_to_many_repeat: k, how often each target is repeated for the one-to-many set.
             one_to_many_weight: weight of the one-to-many losses relative to the plain ones.
             score_activation: "softmax" (official) or "sigmoid" (models trained with a sigmoid
@@ -230,6 +234,7 @@ class Detr(nn.Module):
                 raise ValueError("MODEL.DETR.DENSE_AUX is a box-model training aid: not with MODEL.MASK_ON.")
             self.train_only["dense_head"] = dense_head
         self.dense_weight = dense_weight
+        self.size_divisibility_train = size_divisibility_train
 
     def _freeze_detection(self) -> None:
         """Official stage 2 (``--frozen_weights``): only ``bbox_attention`` and ``mask_head``
@@ -321,6 +326,7 @@ class Detr(nn.Module):
             "score_activation": "sigmoid" if sigmoid else "softmax",
             "dense_head": DenseAuxHead(detr.HIDDEN_DIM, detr.NUM_CLASSES) if detr.DENSE_AUX.ENABLED else None,
             "dense_weight": detr.DENSE_AUX.WEIGHT,
+            "size_divisibility_train": detr.SIZE_DIVISIBILITY_TRAIN,
         }
 
     @property
@@ -371,7 +377,10 @@ class Detr(nn.Module):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         if self.input_format == "BGR":
             images = [x.flip(0) for x in images]
-        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+        divisibility = self.backbone.size_divisibility
+        if self.training:
+            divisibility = max(divisibility, self.size_divisibility_train)
+        return ImageList.from_tensors(images, divisibility)
 
     @staticmethod
     def padding_mask(images: ImageList, size: Tuple[int, int]) -> torch.Tensor:
