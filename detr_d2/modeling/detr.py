@@ -324,7 +324,7 @@ class Detr(nn.Module):
             "one_to_many_repeat": detr.ONE_TO_MANY.REPEAT,
             "one_to_many_weight": detr.ONE_TO_MANY.WEIGHT,
             "score_activation": "sigmoid" if sigmoid else "softmax",
-            "dense_head": DenseAuxHead(detr.HIDDEN_DIM, detr.NUM_CLASSES) if detr.DENSE_AUX.ENABLED else None,
+            "dense_head": DenseAuxHead(detr.HIDDEN_DIM, layout.num_classes) if detr.DENSE_AUX.ENABLED else None,
             "dense_weight": detr.DENSE_AUX.WEIGHT,
             "size_divisibility_train": detr.SIZE_DIVISIBILITY_TRAIN,
         }
