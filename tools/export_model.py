@@ -26,20 +26,16 @@ import os
 import sys
 from typing import List, Optional
 
-import numpy as np
 import torch
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
-from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from detr_d2 import add_detr_config
 from detr_d2.data import register_datasets_from_cfg
-from detr_d2.data.augmentation import build_detr_augmentation
-from detr_d2.engine import DetrTrainer, build_checkpointer, resolve_device
+from detr_d2.engine import DetrTrainer, resolve_device
 from detr_d2.export import EXPORT_FORMATS, ExportedDetr, export_model
 from detr_d2.precision import PRECISIONS
+from detr_d2.predictor import DetrPredictor
 
 logger = logging.getLogger("detr_d2.export_model")
 
@@ -81,15 +77,12 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
     return cfg
 
 
-def sample_image(cfg: CfgNode, args: argparse.Namespace) -> torch.Tensor:
+def sample_image(predictor: DetrPredictor, args: argparse.Namespace) -> torch.Tensor:
     """The CHW uint8 image to trace with, in INPUT.FORMAT, test-resized as predict.py does."""
     if args.sample_image is None:
         generator = torch.Generator().manual_seed(0)
         return torch.randint(0, 256, (3, *args.sample_size), generator=generator, dtype=torch.uint8)
-    image = utils.read_image(args.sample_image, format=cfg.INPUT.FORMAT)
-    aug_input = T.AugInput(image)
-    T.AugmentationList(build_detr_augmentation(cfg, is_train=False))(aug_input)
-    return torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+    return predictor.model_input(predictor.read_image(args.sample_image))["image"]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -97,9 +90,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logger(name="detr_d2")
     setup_logger(name="detectron2", abbrev_name="d2")
     cfg = setup_cfg(args)
-    model = build_model(cfg).eval()
-    build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
-    export_model(model, cfg, args.format, args.output, sample_image(cfg, args), args.precision)
+    predictor = DetrPredictor(cfg)  # the model as every tool loads it (weights, class layout)
+    export_model(predictor.model, cfg, args.format, args.output, sample_image(predictor, args), args.precision)
     if args.run_eval:
         backend = "onnxruntime" if args.format == "onnx" else "torchscript"
         exported = ExportedDetr(args.output, backend, device=cfg.MODEL.DEVICE)
