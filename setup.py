@@ -1,4 +1,5 @@
 """Installs the detr_d2 package (``pip install -e .``); d2/install.sh sets up its dependencies."""
+
 from setuptools import find_packages, setup
 
 setup(

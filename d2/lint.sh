@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Lint and format check of the whole tree with the ruff pinned in d2/requirements.txt (config:
-# ruff.toml). `bash d2/lint.sh --fix` applies the fixes and the formatting instead.
+# ruff.toml), from the environment d2/install.sh made. `bash d2/lint.sh --fix` applies the fixes
+# and the formatting instead.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-ruff="${RUFF:-ruff}"
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+py=${DETR_D2_PYTHON:-${DETR_D2_VENV:-$repo/.venv}/bin/python}
+ruff=(${RUFF:-"$py" -m ruff})
 if [[ "${1:-}" == "--fix" ]]; then
-    "$ruff" check --fix .
-    "$ruff" format .
+    "${ruff[@]}" check --fix .
+    "${ruff[@]}" format .
 else
-    "$ruff" check .
-    "$ruff" format --check .
+    "${ruff[@]}" check .
+    "${ruff[@]}" format --check .
 fi

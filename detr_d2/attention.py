@@ -13,9 +13,9 @@ S = h*w tokens (row-major over the feature map, padded positions included), H x 
 
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +56,10 @@ class CapturedAttention:
         padding_mask: bool [N, h, w], True where a token lies on batch padding.
     """
 
-    encoder_self_attn: List[torch.Tensor] = field(default_factory=list)
-    decoder_cross_attn: List[torch.Tensor] = field(default_factory=list)
-    feature_size: Optional[Tuple[int, int]] = None
-    padding_mask: Optional[torch.Tensor] = None
+    encoder_self_attn: list[torch.Tensor] = field(default_factory=list)
+    decoder_cross_attn: list[torch.Tensor] = field(default_factory=list)
+    feature_size: tuple[int, int] | None = None
+    padding_mask: torch.Tensor | None = None
 
     @property
     def num_heads(self) -> int:
@@ -74,9 +74,7 @@ class CapturedAttention:
             )
 
     @staticmethod
-    def _select(
-        maps: List[torch.Tensor], layer: int, head: Optional[int], kind: str
-    ) -> torch.Tensor:
+    def _select(maps: list[torch.Tensor], layer: int, head: int | None, kind: str) -> torch.Tensor:
         """[N, rows, S] of one layer: one head, or the mean over heads (as nn.MultiheadAttention's
         ``average_attn_weights``) when ``head`` is None."""
         if not -len(maps) <= layer < len(maps):
@@ -91,7 +89,7 @@ class CapturedAttention:
         return weights[:, head]
 
     def encoder_map(
-        self, image_index: int, token: int, layer: int = -1, head: Optional[int] = None
+        self, image_index: int, token: int, layer: int = -1, head: int | None = None
     ) -> torch.Tensor:
         """[h, w]: how the encoder token ``token`` (row-major index) attends over the map."""
         self._check_filled()
@@ -99,25 +97,25 @@ class CapturedAttention:
         return weights[image_index, token].reshape(self.feature_size)
 
     def decoder_map(
-        self, image_index: int, query: int, layer: int = -1, head: Optional[int] = None
+        self, image_index: int, query: int, layer: int = -1, head: int | None = None
     ) -> torch.Tensor:
         """[h, w]: how object query ``query`` attends over the encoder output (cross-attention)."""
         self._check_filled()
         weights = self._select(self.decoder_cross_attn, layer, head, "decoder")
         return weights[image_index, query].reshape(self.feature_size)
 
-    def _reset(self, feature_size: Tuple[int, int], padding_mask: torch.Tensor) -> None:
+    def _reset(self, feature_size: tuple[int, int], padding_mask: torch.Tensor) -> None:
         self.encoder_self_attn.clear()
         self.decoder_cross_attn.clear()
         self.feature_size = feature_size
         self.padding_mask = padding_mask
 
 
-def _argument(args: tuple, kwargs: Dict, index: int, name: str):
+def _argument(args: tuple, kwargs: dict, index: int, name: str):
     return args[index] if len(args) > index else kwargs.get(name)
 
 
-def _ask_for_weights(module: nn.Module, args: tuple, kwargs: Dict) -> Tuple[tuple, Dict]:
+def _ask_for_weights(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Forward pre-hook: per-head weights instead of the fast path's none."""
     kwargs = dict(kwargs)
     kwargs.update(zip(_MHA_ARGS[3:], args[3:]))  # positional extras -> keywords, so we can override
@@ -146,13 +144,13 @@ def capture_attention(model: nn.Module) -> Iterator[CapturedAttention]:
     transformer = model.transformer
     captured = CapturedAttention()
 
-    def on_transformer_input(module: nn.Module, args: tuple, kwargs: Dict) -> None:
+    def on_transformer_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
         src = _argument(args, kwargs, 0, "src")  # [N, C, h, w]
         mask = _argument(args, kwargs, 1, "mask")  # [N, h, w]; Detr always passes one
         captured._reset(tuple(src.shape[-2:]), mask.detach().clone())
 
-    def store_into(maps: List[torch.Tensor]):
-        def on_output(module: nn.Module, args: tuple, output: Tuple[torch.Tensor, torch.Tensor]):
+    def store_into(maps: list[torch.Tensor]):
+        def on_output(module: nn.Module, args: tuple, output: tuple[torch.Tensor, torch.Tensor]):
             maps.append(output[1].detach())
 
         return on_output
@@ -182,7 +180,7 @@ def capture_attention(model: nn.Module) -> Iterator[CapturedAttention]:
 
 
 # ---------------------------------------------------------------- feature map <-> image geometry
-def valid_feature_size(padding_mask: torch.Tensor) -> Tuple[int, int]:
+def valid_feature_size(padding_mask: torch.Tensor) -> tuple[int, int]:
     """(rows, columns) of a [h, w] feature-map padding mask that cover the real image.
 
     Padding is at the bottom and right only (``ImageList``), so the real part is a top-left block.
@@ -195,9 +193,9 @@ def valid_feature_size(padding_mask: torch.Tensor) -> Tuple[int, int]:
 def attention_to_image(
     attention: torch.Tensor,
     padding_mask: torch.Tensor,
-    image_size: Tuple[int, int],
-    padded_size: Tuple[int, int],
-    output_size: Optional[Tuple[int, int]] = None,
+    image_size: tuple[int, int],
+    padded_size: tuple[int, int],
+    output_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """An attention map over the feature map, as an image-aligned map over the real image.
 
@@ -235,10 +233,10 @@ def attention_to_image(
 def point_to_token(
     point_xy: Sequence[float],
     padding_mask: torch.Tensor,
-    image_size: Tuple[int, int],
-    padded_size: Tuple[int, int],
-    point_image_size: Optional[Tuple[int, int]] = None,
-) -> Tuple[int, int, int]:
+    image_size: tuple[int, int],
+    padded_size: tuple[int, int],
+    point_image_size: tuple[int, int] | None = None,
+) -> tuple[int, int, int]:
     """The feature-map token under a pixel: (token index, row, column).
 
     Args:

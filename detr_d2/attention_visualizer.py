@@ -1,10 +1,11 @@
 """Attention figures of one image at a time: each detection's decoder cross-attention, the
 encoder self-attention at chosen pixels, and a one-page summary (DETR paper Fig. 3 and 6);
 ``tools/visualize_attention.py`` calls :class:`AttentionVisualizer` over its inputs."""
+
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -52,8 +53,8 @@ class AttentionVisualizer:
         *,
         score_threshold: float,
         layer: int,
-        head: Optional[int],
-        points: Optional[Sequence[Tuple[float, float]]],
+        head: int | None,
+        points: Sequence[tuple[float, float]] | None,
         max_detections: int,
     ):
         transformer = predictor.model.transformer
@@ -76,7 +77,7 @@ class AttentionVisualizer:
         self.head_text = "mean of heads" if head is None else f"head {self.head}"
         self.points = list(points) if points else None
         self.max_detections = max_detections
-        self._stems: Dict[str, int] = {}
+        self._stems: dict[str, int] = {}
 
     def _stem(self, path: Path) -> str:
         """The file-name prefix of an image; numbered when two inputs share a name."""
@@ -84,7 +85,7 @@ class AttentionVisualizer:
         self._stems[stem] = self._stems.get(stem, 0) + 1
         return stem if self._stems[stem] == 1 else f"{stem}-{self._stems[stem]}"
 
-    def _select(self, result, stem: str) -> List[Detection]:
+    def _select(self, result, stem: str) -> list[Detection]:
         """Queries above the score threshold, best first; else the best few, named ``topNN``."""
         scores, labels, boxes = result.scores, result.pred_classes, result.pred_boxes.tensor
         order = torch.argsort(scores, descending=True)
@@ -104,7 +105,7 @@ class AttentionVisualizer:
             detections.append(Detection(q, name, float(scores[q]), box, f"{prefix}{i:02d}"))
         return detections
 
-    def __call__(self, path: Path) -> List[Path]:
+    def __call__(self, path: Path) -> list[Path]:
         """Write the figures of one image; returns the files written."""
         stem = self._stem(path)
         original = self.predictor.read_image(str(path))
@@ -181,10 +182,10 @@ class AttentionVisualizer:
 
     @staticmethod
     def _auto_points(
-        detections: Sequence[Detection], scale: float, size: Tuple[int, int]
-    ) -> List[Tuple[float, float]]:
+        detections: Sequence[Detection], scale: float, size: tuple[int, int]
+    ) -> list[tuple[float, float]]:
         """Centres of the best detections (original pixels), else a 2x2 grid over the image."""
-        points: List[Tuple[float, float]] = []
+        points: list[tuple[float, float]] = []
         for detection in detections[:MAX_AUTO_POINTS]:
             x0, y0, x1, y1 = detection.box
             x = min(max((x0 + x1) / 2 / scale, 0.0), size[1] - 1.0)

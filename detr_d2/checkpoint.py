@@ -6,6 +6,7 @@ Official checkpoints (github.com/facebookresearch/detr) store ``{"model": state_
 ones wrap everything under ``detr.``. Their class head is indexed by dataset category id
 (COCO: 92 rows, COCO panoptic: 251 rows, the last row is "no object").
 """
+
 import hashlib
 import logging
 import os
@@ -16,7 +17,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections import Counter, OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8})\.pth$")  # torch.hub convention: sha256 prefix
 
 
-def safe_torch_load(path: str) -> Dict:
+def safe_torch_load(path: str) -> dict:
     """``torch.load(weights_only=True)`` that also accepts the ``argparse.Namespace`` official
     DETR files carry under ``args``, and refuses any other pickled object with a clear error."""
     try:
@@ -47,16 +48,16 @@ def safe_torch_load(path: str) -> Dict:
         ) from None
 
 
-def is_official_detr_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
+def is_official_detr_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith(("backbone.0.body.", "detr.backbone.0.body.")) for k in state_dict)
 
 
-def _rename_official_key(key: str) -> Tuple[str, str]:
+def _rename_official_key(key: str) -> tuple[str, str]:
     """(new key, kind of change) for one key of an official state dict."""
     if key.startswith("detr."):
-        key = key[len("detr."):]
+        key = key[len("detr.") :]
     if key.startswith("backbone.1."):  # learned position embedding lives beside the body
-        return "position_embedding." + key[len("backbone.1."):], "renamed"
+        return "position_embedding." + key[len("backbone.1.") :], "renamed"
     m = re.match(r"^backbone\.0\.body\.(conv1|bn1)\.(.*)$", key)
     if m:
         target = "conv1" if m.group(1) == "conv1" else "conv1.norm"
@@ -75,10 +76,10 @@ def _rename_official_key(key: str) -> Tuple[str, str]:
 
 
 def convert_official_state_dict(
-    state_dict: Dict[str, torch.Tensor],
+    state_dict: dict[str, torch.Tensor],
     num_classes: int,
-    class_rows: Optional[Sequence[int]] = None,
-) -> Tuple["OrderedDict[str, torch.Tensor]", Dict[str, List[str]]]:
+    class_rows: Sequence[int] | None = None,
+) -> tuple["OrderedDict[str, torch.Tensor]", dict[str, list[str]]]:
     """Official DETR layout -> detr_d2 (Detectron2) layout.
 
     Args:
@@ -92,14 +93,18 @@ def convert_official_state_dict(
         rows and ``class_rows`` fits it; otherwise it is left as is (the checkpointer then
         re-initialises a head of the wrong size).
     """
-    converted: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-    report: Dict[str, List[str]] = {"renamed": [], "kept": [], "remapped": []}
+    converted: OrderedDict[str, torch.Tensor] = OrderedDict()
+    report: dict[str, list[str]] = {"renamed": [], "kept": [], "remapped": []}
     for key, value in state_dict.items():
         new_key, kind = _rename_official_key(key)
         converted[new_key] = value
         report[kind].append(f"{key} -> {new_key}" if kind == "renamed" else key)
     rows = converted["class_embed.weight"].shape[0] if "class_embed.weight" in converted else None
-    remappable = class_rows is not None and len(class_rows) == num_classes and max(class_rows) < rows - 1 if rows else False
+    remappable = (
+        class_rows is not None and len(class_rows) == num_classes and max(class_rows) < rows - 1
+        if rows
+        else False
+    )
     if rows is not None and rows != num_classes + 1 and remappable:
         index = torch.as_tensor(list(class_rows) + [rows - 1])
         for name in ("class_embed.weight", "class_embed.bias"):
@@ -108,7 +113,7 @@ def convert_official_state_dict(
     return converted, report
 
 
-def official_head_rows(state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
+def official_head_rows(state_dict: dict[str, torch.Tensor]) -> int | None:
     """Rows of an official state dict's class head (92 COCO, 251 COCO panoptic), if it has one."""
     for key in ("class_embed.weight", "detr.class_embed.weight"):
         if key in state_dict:
@@ -117,7 +122,7 @@ def official_head_rows(state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
 
 
 def convert_official_for_model(
-    state_dict: Dict[str, torch.Tensor], model: torch.nn.Module, layout: ClassLayout
+    state_dict: dict[str, torch.Tensor], model: torch.nn.Module, layout: ClassLayout
 ) -> "OrderedDict[str, torch.Tensor]":
     """An official state dict in ``model``'s layout: keys renamed, the class head remapped to the
     classes of ``layout`` when they are COCO categories of that head (see
@@ -139,7 +144,7 @@ def convert_official_for_model(
 
 
 def drop_mismatched_heads(
-    state_dict: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]
+    state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
 ) -> None:
     """Drop (so they keep their fresh initialisation) the class head and query embeddings of
     ``state_dict`` when their sizes differ from the model's ``own``, with one log line each."""
@@ -161,7 +166,7 @@ def drop_mismatched_heads(
             )
 
 
-def stored_class_layout(path: str) -> Optional[ClassLayout]:
+def stored_class_layout(path: str) -> ClassLayout | None:
     """The class layout a detr_d2 checkpoint was saved with (``None`` for other files)."""
     if not path or re.match(r"^https?://", path) or not os.path.isfile(path):
         return None
@@ -170,7 +175,7 @@ def stored_class_layout(path: str) -> Optional[ClassLayout]:
     return ClassLayout.from_dict(stored) if stored else None
 
 
-def download_weights(url: str, cache_dir: Optional[str] = None, timeout: float = 15.0) -> str:
+def download_weights(url: str, cache_dir: str | None = None, timeout: float = 15.0) -> str:
     """Download ``url`` once into Detectron2's (iopath's) cache and return the local path.
 
     The 8 hex digits of official file names (``detr-r50-e632da11.pth``) are a sha256 prefix and
@@ -266,14 +271,14 @@ class DetrCheckpointer(DetectionCheckpointer):
             path = download_weights(path)
         return super().load(path, *args, **kwargs)
 
-    def _torch_load(self, f: str) -> Dict:
+    def _torch_load(self, f: str) -> dict:
         loaded = safe_torch_load(f)
         if isinstance(loaded, dict) and is_official_detr_state_dict(loaded.get("model", loaded)):
             # keep only the weights: the official optimizer/scheduler states do not apply here
             return {"model": loaded.get("model", loaded)}
         return loaded
 
-    def _load_model(self, checkpoint: Dict):
+    def _load_model(self, checkpoint: dict):
         model = self._unwrapped_model()
         convert = getattr(model, "convert_checkpoint_state_dict", None)
         if convert is not None:

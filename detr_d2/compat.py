@@ -38,11 +38,13 @@ run_step`` (Detectron2's asserts CUDA and autocasts with ``torch.cuda.amp``), th
 and ``checkpoint.DetrCheckpointer``'s ``save`` / ``_load_model`` (fvcore 0.1.5 ``Checkpointer``) and
 ``_torch_load`` (Detectron2's ``DetectionCheckpointer``).
 """
+
 import argparse
 import functools
 import logging
 import types
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -103,7 +105,7 @@ def start_data_loader(trainer: Any) -> None:
     trainer._data_loader_iter  # noqa: B018  (the lazy property creates the iterator on first access)
 
 
-def current_event_storage() -> Optional[events.EventStorage]:
+def current_event_storage() -> events.EventStorage | None:
     """The innermost active ``EventStorage``, or None outside a training loop (item 4)."""
     stack = events._CURRENT_STORAGE_STACK
     return stack[-1] if stack else None
@@ -123,7 +125,7 @@ def detectron2_takes_cocoeval_class() -> bool:
     return "COCOeval" in names and "COCOeval_opt" in names
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def eval_predictions_with(cocoeval: type) -> Callable:
     """Detectron2's ``COCOEvaluator._eval_predictions`` run as it is, except that its global names
     ``COCOeval`` and ``COCOeval_opt`` (the classes it passes to ``_evaluate_predictions_on_coco``)

@@ -1,4 +1,5 @@
 """Config keys of detr_d2, added to a Detectron2 ``CfgNode`` by :func:`add_detr_config`."""
+
 from detectron2.config import CfgNode as CN
 
 

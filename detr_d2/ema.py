@@ -7,9 +7,9 @@ EMA weights as ``model``, so whichever way a checkpoint is loaded (``DefaultPred
 ``DetectionCheckpointer``, a plain config) it gives the EMA model's outputs; the raw training
 weights travel in the trainer state (``trainer.hooks.EMAHook``) and come back on ``--resume``.
 """
+
 import copy
 import logging
-from typing import Dict
 
 import torch
 from detectron2.engine import HookBase
@@ -44,11 +44,11 @@ class WeightEMA:
             else:
                 average.copy_(value)
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.weights)
 
     @torch.no_grad()
-    def load_weights(self, weights: Dict[str, torch.Tensor]) -> None:
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         for key, value in weights.items():
             if key in self.weights:
                 self.weights[key].copy_(value)
@@ -81,12 +81,14 @@ class EMAHook(HookBase):
     def after_step(self):
         self.ema.update(self.model)
 
-    def state_dict(self) -> Dict:
+    def state_dict(self) -> dict:
         return {"train_weights": self.model.state_dict(), "updates": self.ema.updates}
 
-    def load_state_dict(self, state: Dict) -> None:
+    def load_state_dict(self, state: dict) -> None:
         # The checkpointer has just loaded the file's "model", i.e. the EMA weights.
         self.ema.load_weights(self.model.state_dict())
         self.ema.updates = state["updates"]
         self.model.load_state_dict(state["train_weights"])
-        logger.info(f"Resumed the weight EMA ({self.ema.updates} updates) and the training weights.")
+        logger.info(
+            f"Resumed the weight EMA ({self.ema.updates} updates) and the training weights."
+        )

@@ -1,4 +1,5 @@
 """Detectron2 ``DefaultTrainer`` for DETR: its optimizer, mapper, evaluator and checkpointer."""
+
 import logging
 import os
 import time
@@ -6,9 +7,20 @@ import weakref
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
-from detectron2.data import MetadataCatalog
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    create_ddp_model,
+    hooks,
+)
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 
@@ -16,13 +28,13 @@ from .checkpoint import DetrCheckpointer
 from .compat import start_data_loader
 from .data import DetrDatasetMapper, drop_degenerate_boxes
 from .data.categories import check_labels_fit
-from .ema import EMAHook, unwrap
-from .layout import layout_from_cfg, set_layout_keys
-from .evaluation import EVALUATORS, coco_evaluators, cocoeval_class
+from .data.resumable import ResumableTrainingSampler, SeededMapDataset, rng_state, set_rng_state
 from .dev.model_report import log_model_report
+from .ema import EMAHook, unwrap
+from .evaluation import EVALUATORS, coco_evaluators, cocoeval_class
+from .layout import layout_from_cfg, set_layout_keys
 from .modeling.inference_graph import inference_model
 from .precision import precision_dtype
-from .data.resumable import ResumableTrainingSampler, SeededMapDataset, rng_state, set_rng_state
 from .solver import build_detr_optimizer
 
 logger = logging.getLogger(__name__)
@@ -32,7 +44,9 @@ def resolve_device(cfg: CfgNode) -> None:
     """Fall back to the CPU (with a log line) when ``MODEL.DEVICE`` asks for CUDA but none is
     available, so configs written for GPUs run on laptops and CI machines as they are."""
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning(f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} but CUDA is not available: running on CPU.")
+        logger.warning(
+            f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} but CUDA is not available: running on CPU."
+        )
         cfg.MODEL.DEVICE = "cpu"
         # fp16 has no fast CPU kernels; bf16 has fp32's range, so no loss scaling is lost
         if cfg.TEST.PRECISION == "fp16":
@@ -68,8 +82,10 @@ def resolve_class_layout(cfg: CfgNode) -> None:
     same model where the datasets are not available."""
     layout = layout_from_cfg(cfg)
     set_layout_keys(cfg, layout)
-    logger.info(f"Class layout ({layout.source}): {layout.num_classes} classes, {', '.join(layout.names[:10])}"
-                + (", ..." if layout.num_classes > 10 else ""))
+    logger.info(
+        f"Class layout ({layout.source}): {layout.num_classes} classes, {', '.join(layout.names[:10])}"
+        + (", ..." if layout.num_classes > 10 else "")
+    )
 
 
 class _NonFiniteLossCheck:
@@ -158,7 +174,9 @@ class DetrTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.ema_hook = (
-            EMAHook(model, self.checkpointer, cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
+            EMAHook(model, self.checkpointer, cfg.SOLVER.EMA.DECAY)
+            if cfg.SOLVER.EMA.ENABLED
+            else None
         )
         self.register_hooks(self.build_hooks())
         log_model_report(self._trainer.model, cfg)
@@ -171,11 +189,15 @@ class DetrTrainer(DefaultTrainer):
             return hook_list
 
         def test_ema():
-            self._last_eval_results = self.test(self.cfg, self.ema_hook.ema.averaged_model(unwrap(self.model)))
+            self._last_eval_results = self.test(
+                self.cfg, self.ema_hook.ema.averaged_model(unwrap(self.model))
+            )
             return self._last_eval_results
 
         hook_list = [
-            hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_ema) if isinstance(h, hooks.EvalHook) else h
+            hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, test_ema)
+            if isinstance(h, hooks.EvalHook)
+            else h
             for h in hook_list
         ]
         scheduler_at = next(i for i, h in enumerate(hook_list) if isinstance(h, hooks.LRScheduler))
@@ -223,7 +245,9 @@ class DetrTrainer(DefaultTrainer):
     def build_train_loader(cls, cfg: CfgNode):
         """Detectron2's batched loader over DETR's mapper, with a resumable sample stream
         (exposed as ``loader.resumable_sampler``)."""
-        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        )
         dataset = drop_degenerate_boxes(dataset, ", ".join(cfg.DATASETS.TRAIN))
         layout = layout_from_cfg(cfg)
         check_labels_fit(dataset, layout.num_classes, ", ".join(cfg.DATASETS.TRAIN))
@@ -243,7 +267,10 @@ class DetrTrainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
         return build_detection_test_loader(
-            cfg, dataset_name, mapper=DetrDatasetMapper(cfg, is_train=False), num_workers=resolve_num_workers(cfg)
+            cfg,
+            dataset_name,
+            mapper=DetrDatasetMapper(cfg, is_train=False),
+            num_workers=resolve_num_workers(cfg),
         )
 
     @classmethod

@@ -3,7 +3,7 @@ they compute box and mask AP with (``TEST.COCO_EVAL_BACKEND``)."""
 
 import importlib.metadata
 import logging
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
@@ -110,7 +110,7 @@ class _ThingCOCOEvaluator(BackendCOCOEvaluator):
         return super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
 
 
-def coco_evaluators(cfg: CfgNode, dataset_name: str, output_folder: str) -> List[DatasetEvaluator]:
+def coco_evaluators(cfg: CfgNode, dataset_name: str, output_folder: str) -> list[DatasetEvaluator]:
     """COCO box AP, and mask AP when the model predicts masks (``MODEL.MASK_ON``)."""
     return [
         BackendCOCOEvaluator(dataset_name, output_dir=output_folder, cocoeval=cocoeval_class(cfg))
@@ -119,10 +119,10 @@ def coco_evaluators(cfg: CfgNode, dataset_name: str, output_folder: str) -> List
 
 def coco_panoptic_evaluators(
     cfg: CfgNode, dataset_name: str, output_folder: str
-) -> List[DatasetEvaluator]:
+) -> list[DatasetEvaluator]:
     """PQ (panopticapi) with ``MODEL.DETR.TEST.PANOPTIC_ON``; box and mask AP of the things with
     ``MODEL.DETR.TEST.INSTANCE_ON``, against the dataset's instances json."""
-    evaluators: List[DatasetEvaluator] = []
+    evaluators: list[DatasetEvaluator] = []
     if cfg.MODEL.DETR.TEST.PANOPTIC_ON:
         evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
     if cfg.MODEL.DETR.TEST.INSTANCE_ON:
@@ -140,7 +140,7 @@ def coco_panoptic_evaluators(
 
 
 # Dataset metadata ``evaluator_type`` -> evaluators of that kind of dataset (default: COCO).
-EVALUATORS: Dict[str, Callable[[CfgNode, str, str], List[DatasetEvaluator]]] = {
+EVALUATORS: dict[str, Callable[[CfgNode, str, str], list[DatasetEvaluator]]] = {
     "coco": coco_evaluators,
     "coco_panoptic_seg": coco_panoptic_evaluators,
 }

@@ -17,13 +17,14 @@ config: input format, pixel mean/std, test resize, class names and post-processi
 :class:`ExportedDetr` runs an export directory with TorchScript or onnxruntime and returns
 Detectron2's output dicts through the same post-processing as :class:`Detr`.
 """
+
 import copy
 import json
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import CfgNode
@@ -71,10 +72,10 @@ class DetrExportGraph(nn.Module):
         self.model = model
 
     @property
-    def output_names(self) -> Tuple[str, ...]:
+    def output_names(self) -> tuple[str, ...]:
         return DETECTION_OUTPUTS + ((MASK_OUTPUT,) if self.model.mask_on else ())
 
-    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor) -> tuple[torch.Tensor, ...]:
         model = self.model
         image_sizes = image_sizes.to(torch.int64)
         # zeros after normalization on the padding, as the official batching (whatever came in)
@@ -86,7 +87,9 @@ class DetrExportGraph(nn.Module):
         outputs = model._test_heads(ImageList(pixels, image_sizes), with_aux=False)
         # official PostProcess (softmax without "no object", or the sigmoid scores of models
         # trained with a sigmoid class loss), boxes scaled by each image's size
-        scores, classes = class_probabilities(outputs["pred_logits"], model.score_activation).max(-1)
+        scores, classes = class_probabilities(outputs["pred_logits"], model.score_activation).max(
+            -1
+        )
         height_width = image_sizes.to(torch.float32)
         scale = height_width[:, [1, 0, 1, 0]][:, None]  # [N, 1, 4] (w, h, w, h)
         boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"]) * scale
@@ -96,7 +99,7 @@ class DetrExportGraph(nn.Module):
         return result
 
 
-def pad_batch(images: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 [N, 3, H, W] zero-padded at the bottom/right, int64 [N, 2] sizes) of CHW images,
     the graph's inputs."""
     sizes = torch.as_tensor([tuple(image.shape[-2:]) for image in images], dtype=torch.int64)
@@ -107,7 +110,7 @@ def pad_batch(images: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tenso
     return batch, sizes
 
 
-def example_images(image: torch.Tensor) -> List[torch.Tensor]:
+def example_images(image: torch.Tensor) -> list[torch.Tensor]:
     """Two differently sized CHW images for tracing: ``image`` and a crop of it. Tracing with a
     padded batch of two keeps the batch and padding paths general (torch.export specialises
     dimensions of size 1)."""
@@ -115,7 +118,7 @@ def example_images(image: torch.Tensor) -> List[torch.Tensor]:
     return [image, image[:, : max(32, height * 3 // 4), : max(32, width * 5 // 6)]]
 
 
-def class_names_from_cfg(cfg: CfgNode) -> List[str]:
+def class_names_from_cfg(cfg: CfgNode) -> list[str]:
     """Class names of ``DATASETS.TEST[0]`` when they match ``MODEL.DETR.NUM_CLASSES`` (stuff
     names for panoptic layouts), else "class <i>"."""
     num_classes = cfg.MODEL.DETR.NUM_CLASSES
@@ -147,7 +150,7 @@ def _export_copy(model: Detr, cfg: CfgNode, precision: str) -> Detr:
     return exported.eval()
 
 
-def _trace_torchscript(graph: DetrExportGraph, example: Tuple[torch.Tensor, ...], path: Path):
+def _trace_torchscript(graph: DetrExportGraph, example: tuple[torch.Tensor, ...], path: Path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", torch.jit.TracerWarning)
         traced = torch.jit.trace(graph, example, check_trace=False)
@@ -155,7 +158,9 @@ def _trace_torchscript(graph: DetrExportGraph, example: Tuple[torch.Tensor, ...]
     for warning in caught:
         # A TracerWarning in our code means a value was frozen into the graph: refuse the
         # export. Those of PyTorch's attention and Detectron2's Conv2d are shape assertions.
-        if issubclass(warning.category, torch.jit.TracerWarning) and warning.filename.startswith(package):
+        if issubclass(warning.category, torch.jit.TracerWarning) and warning.filename.startswith(
+            package
+        ):
             raise RuntimeError(
                 f"Tracing froze a value into the graph at {warning.filename}:{warning.lineno}: "
                 f"{warning.message}"
@@ -163,7 +168,7 @@ def _trace_torchscript(graph: DetrExportGraph, example: Tuple[torch.Tensor, ...]
     traced.save(str(path))
 
 
-def _export_onnx(graph: DetrExportGraph, example: Tuple[torch.Tensor, ...], path: Path):
+def _export_onnx(graph: DetrExportGraph, example: tuple[torch.Tensor, ...], path: Path):
     batch = torch.export.Dim("batch", min=1, max=64)
     height = torch.export.Dim("height", min=32, max=4096)
     width = torch.export.Dim("width", min=32, max=4096)
@@ -216,7 +221,9 @@ def export_model(
     images, sizes = pad_batch(example_images(sample_image))
     example = (images.to(graph.model.device), sizes.to(graph.model.device))
     path = output / MODEL_FILES[export_format]
-    logger.info(f"Exporting {export_format} ({precision}) with a traced batch of sizes {sizes.tolist()}.")
+    logger.info(
+        f"Exporting {export_format} ({precision}) with a traced batch of sizes {sizes.tolist()}."
+    )
     with torch.no_grad():
         if export_format == "torchscript":
             _trace_torchscript(graph, example, path)
@@ -230,7 +237,7 @@ def export_model(
 
 def export_metadata(
     cfg: CfgNode, graph: DetrExportGraph, export_format: str, precision: str, model_file: str
-) -> Dict:
+) -> dict:
     """What a deployment needs besides the graph (see the module docstring)."""
     model = graph.model
     return {
@@ -280,7 +287,10 @@ class ExportedDetr:
         self.backend = backend
         self.device = torch.device(device)
         self.options = PostprocessOptions(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in self.meta["postprocess"].items()}
+            **{
+                k: tuple(v) if isinstance(v, list) else v
+                for k, v in self.meta["postprocess"].items()
+            }
         )
         path = str(Path(directory) / self.meta["model_file"])
         if backend == "torchscript":
@@ -303,7 +313,7 @@ class ExportedDetr:
         """No-op, so code written for ``nn.Module`` models runs exported ones too."""
         return self
 
-    def run_graph(self, images: torch.Tensor, image_sizes: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def run_graph(self, images: torch.Tensor, image_sizes: torch.Tensor) -> dict[str, torch.Tensor]:
         """The graph's outputs, by name, as fp32/int64 CPU tensors (inputs as :func:`pad_batch`)."""
         if self.backend == "torchscript":
             with torch.no_grad():
@@ -314,26 +324,29 @@ class ExportedDetr:
             values = [torch.from_numpy(v) for v in self._session.run(None, feeds)]
         return {name: value.cpu() for name, value in zip(self.meta["output_names"], values)}
 
-    def __call__(self, batched_inputs: List[Dict]) -> List[Dict]:
+    def __call__(self, batched_inputs: list[dict]) -> list[dict]:
         images, sizes = pad_batch([x["image"] for x in batched_inputs])
         outputs = self.run_graph(images, sizes)
         image_sizes = [tuple(s) for s in sizes.tolist()]
         output_sizes = [
-            (x.get("height", h), x.get("width", w)) for x, (h, w) in zip(batched_inputs, image_sizes)
+            (x.get("height", h), x.get("width", w))
+            for x, (h, w) in zip(batched_inputs, image_sizes)
         ]
         return inference_results(
             outputs, self.options, tuple(images.shape[-2:]), image_sizes, output_sizes
         )
 
 
-def exported_model(cfg: CfgNode, backend: str, directory: Optional[str]) -> ExportedDetr:
+def exported_model(cfg: CfgNode, backend: str, directory: str | None) -> ExportedDetr:
     """The ``--backend`` / ``--exported`` model of the tools: the export in ``directory``, with
     the outputs and thresholds of ``cfg`` (``MODEL.DETR.TEST``), so that it computes what the
     PyTorch model of ``cfg`` would."""
     if backend not in BACKENDS[1:]:
         raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}.")
     if not directory:
-        raise ValueError(f"--backend {backend} needs --exported DIR (an output of tools/export_model.py).")
+        raise ValueError(
+            f"--backend {backend} needs --exported DIR (an output of tools/export_model.py)."
+        )
     model = ExportedDetr(directory, backend, device=cfg.MODEL.DEVICE)
     test = cfg.MODEL.DETR.TEST
     if (test.SEMANTIC_ON or test.PANOPTIC_ON) and not model.options.mask_on:

@@ -8,9 +8,9 @@ head is indexed by COCO category id, can be remapped to the model's classes by t
 the registered datasets of ``DATASETS.TEST`` / ``DATASETS.TRAIN``, the official class counts
 (80 / 133: Detectron2's COCO classes; 91 / 250: the official heads' own id-indexed layouts).
 """
+
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
@@ -42,9 +42,9 @@ class ClassLayout:
     """Per contiguous class i (0..K-1): ``names[i]``, ``is_thing[i]`` and ``dataset_ids[i]`` (the
     dataset's category id, ``None`` when not known). ``source`` says where it came from."""
 
-    names: Tuple[str, ...]
-    is_thing: Tuple[bool, ...]
-    dataset_ids: Optional[Tuple[int, ...]] = None
+    names: tuple[str, ...]
+    is_thing: tuple[bool, ...]
+    dataset_ids: tuple[int, ...] | None = None
     source: str = ""
 
     def __post_init__(self):
@@ -58,14 +58,14 @@ class ClassLayout:
         return len(self.names)
 
     @property
-    def thing_ids(self) -> Tuple[int, ...]:
+    def thing_ids(self) -> tuple[int, ...]:
         return tuple(i for i, thing in enumerate(self.is_thing) if thing)
 
     @property
     def all_things(self) -> bool:
         return all(self.is_thing)
 
-    def to_dict(self) -> Dict:
+    def to_dict(self) -> dict:
         """Plain lists, for checkpoints and JSON."""
         return {
             "names": list(self.names),
@@ -75,7 +75,7 @@ class ClassLayout:
         }
 
     @classmethod
-    def from_dict(cls, data: Dict) -> "ClassLayout":
+    def from_dict(cls, data: dict) -> "ClassLayout":
         ids = data.get("dataset_ids")
         return cls(
             names=tuple(str(n) for n in data["names"]),
@@ -91,7 +91,7 @@ def generic_layout(num_classes: int) -> ClassLayout:
     return ClassLayout(names, (True,) * num_classes, None, "generic (no dataset, no CLASS_* keys)")
 
 
-def _official_layout(num_classes: int) -> Optional[ClassLayout]:
+def _official_layout(num_classes: int) -> ClassLayout | None:
     """The official heads' own layouts, where logit i is COCO (panoptic) category id i."""
     if num_classes == OFFICIAL_DETECTION_ROWS - 1:
         things = [True] * num_classes
@@ -104,7 +104,7 @@ def _official_layout(num_classes: int) -> Optional[ClassLayout]:
     return ClassLayout(names, tuple(things), tuple(range(num_classes)), source)
 
 
-def layout_of_metadata(meta) -> Optional[ClassLayout]:
+def layout_of_metadata(meta) -> ClassLayout | None:
     """The layout a dataset's metadata defines: Detectron2's standard panoptic layout (things and
     stuff in one contiguous range, names in ``stuff_classes``), or a detection dataset (all
     things). ``None`` when the metadata has no usable class ids (e.g. "separated" panoptic)."""
@@ -131,7 +131,7 @@ def layout_of_metadata(meta) -> Optional[ClassLayout]:
     )
 
 
-def _dataset_layout(cfg: CfgNode, num_classes: int) -> Optional[ClassLayout]:
+def _dataset_layout(cfg: CfgNode, num_classes: int) -> ClassLayout | None:
     """The first dataset of ``DATASETS.TEST`` / ``TRAIN`` whose metadata has ``num_classes``
     classes (any count for 0); panoptic datasets of another layout fail with the keys to set."""
     for name in list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN):
@@ -150,7 +150,7 @@ def _dataset_layout(cfg: CfgNode, num_classes: int) -> Optional[ClassLayout]:
     return None
 
 
-def _builtin_coco_layout(num_classes: int) -> Optional[ClassLayout]:
+def _builtin_coco_layout(num_classes: int) -> ClassLayout | None:
     """Detectron2's contiguous COCO (80) and COCO panoptic (133) classes, from its metadata."""
     name = {80: "coco_2017_val", 133: "coco_2017_val_panoptic"}.get(num_classes)
     layout = layout_of_metadata(MetadataCatalog.get(name)) if name else None
@@ -164,11 +164,13 @@ def official_coco_layout(num_classes: int) -> ClassLayout:
     COCO panoptic classes) or 91 / 250 (the official heads' id-indexed ones)."""
     layout = _builtin_coco_layout(num_classes) or _official_layout(num_classes)
     if layout is None:
-        raise ValueError(f"No official COCO class layout has {num_classes} classes (80, 91, 133, 250).")
+        raise ValueError(
+            f"No official COCO class layout has {num_classes} classes (80, 91, 133, 250)."
+        )
     return layout
 
 
-def _hand_keys(cfg: CfgNode, num_classes: int) -> Dict[str, list]:
+def _hand_keys(cfg: CfgNode, num_classes: int) -> dict[str, list]:
     """The ``MODEL.DETR.CLASS_*`` keys that are set, each checked to have one entry per class."""
     detr = cfg.MODEL.DETR
     given = {
@@ -243,10 +245,12 @@ def set_layout_keys(cfg: CfgNode, layout: ClassLayout) -> None:
     cfg.MODEL.DETR.NUM_CLASSES = layout.num_classes
     cfg.MODEL.DETR.CLASS_NAMES = list(layout.names)
     cfg.MODEL.DETR.CLASS_IS_THING = list(layout.is_thing)
-    cfg.MODEL.DETR.CLASS_DATASET_IDS = [] if layout.dataset_ids is None else list(layout.dataset_ids)
+    cfg.MODEL.DETR.CLASS_DATASET_IDS = (
+        [] if layout.dataset_ids is None else list(layout.dataset_ids)
+    )
 
 
-def official_class_rows(layout: ClassLayout, head_rows: int) -> Optional[List[int]]:
+def official_class_rows(layout: ClassLayout, head_rows: int) -> list[int] | None:
     """The rows of an official class head of ``head_rows`` rows to take for the model's classes,
     when every class is a COCO category of that head, with COCO's name (so a custom dataset's
     category id 1 "face" is not read as COCO's 1 "person"). ``None``: no known layout fits."""

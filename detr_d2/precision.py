@@ -4,6 +4,7 @@ DETR runs its network under ``torch.autocast`` (bf16 on CPUs with AVX512-BF16/AM
 Ampere+ GPUs, fp16 on GPUs), while the Hungarian matching, the losses and the post-processing
 stay in fp32: matching costs and GIoU of nearly equal boxes need fp32's resolution.
 """
+
 import logging
 from typing import Any
 

@@ -5,16 +5,15 @@ class names, in the spirit of Detectron2's ``DefaultPredictor``.
     outputs = predictor(image)              # HWC uint8 in cfg.INPUT.FORMAT -> model outputs
     names = predictor.class_names           # e.g. ["face"], from the model's class layout
 """
+
 import logging
 import os
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog
-from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
+from detectron2.data import MetadataCatalog, detection_utils as utils, transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.modeling import build_model
 
@@ -32,10 +31,10 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def list_images(inputs: Sequence[str]) -> List[str]:
+def list_images(inputs: Sequence[str]) -> list[str]:
     """Image files as given, plus the images of each folder (sorted by name). A missing path,
     or no image at all, fails naming the input."""
-    paths: List[str] = []
+    paths: list[str] = []
     for item in inputs:
         if os.path.isdir(item):
             names = sorted(n for n in os.listdir(item) if n.lower().endswith(IMAGE_EXTENSIONS))
@@ -47,7 +46,9 @@ def list_images(inputs: Sequence[str]) -> List[str]:
         else:
             raise FileNotFoundError(f"--input {item}: no such file or folder")
     if not paths:
-        raise FileNotFoundError(f"--input {list(inputs)}: no images found (extensions {IMAGE_EXTENSIONS})")
+        raise FileNotFoundError(
+            f"--input {list(inputs)}: no images found (extensions {IMAGE_EXTENSIONS})"
+        )
     return paths
 
 
@@ -65,7 +66,14 @@ class DetrPredictor:
         ``class_names``; ``metadata``: Detectron2 ``Metadata`` for its ``Visualizer``.
     """
 
-    def __init__(self, cfg: CfgNode, *, load_weights: bool = True, backend: str = "pytorch", exported: str = None):
+    def __init__(
+        self,
+        cfg: CfgNode,
+        *,
+        load_weights: bool = True,
+        backend: str = "pytorch",
+        exported: str = None,
+    ):
         """
         Args:
             cfg: config with :func:`add_detr_config` keys; ``MODEL.WEIGHTS`` for ``pytorch``.
@@ -126,7 +134,7 @@ class DetrPredictor:
     def to_rgb(self, image: np.ndarray) -> np.ndarray:
         return utils.convert_image_to_rgb(image, self.cfg.INPUT.FORMAT)
 
-    def model_input(self, image: np.ndarray) -> Dict:
+    def model_input(self, image: np.ndarray) -> dict:
         """The model's input dict of one HWC image: resized as in evaluation, outputs at the
         original size."""
         aug_input = T.AugInput(image)
@@ -135,7 +143,7 @@ class DetrPredictor:
         return {"image": tensor, "height": image.shape[0], "width": image.shape[1]}
 
     @torch.no_grad()
-    def __call__(self, image: np.ndarray) -> Dict:
+    def __call__(self, image: np.ndarray) -> dict:
         """Outputs of one HWC uint8 image in ``INPUT.FORMAT`` (see ``Detr.inference``)."""
         return self.inference([self.model_input(image)])[0]
 

@@ -1,5 +1,4 @@
 """DETR's optimizer: AdamW, lower backbone LR, gradient-norm clipping over the whole model."""
-from typing import Dict, List, Type
 
 import torch
 from detectron2.config import CfgNode
@@ -28,7 +27,7 @@ def detr_param_groups(
     weight_decay: float,
     weight_decay_norm: float,
     backbone_multiplier: float,
-) -> List[Dict]:
+) -> list[dict]:
     """:func:`optimizer_param_groups` from explicit values (LazyConfigs set ``model``)."""
     return get_default_optimizer_params(
         model,
@@ -40,7 +39,7 @@ def detr_param_groups(
 
 
 def clipped_adamw(
-    params: List[Dict], *, lr: float, weight_decay: float, max_norm: float, norm_type: float = 2.0
+    params: list[dict], *, lr: float, weight_decay: float, max_norm: float, norm_type: float = 2.0
 ) -> torch.optim.Optimizer:
     """The official optimizer: AdamW whose step first clips the whole model's gradient norm."""
     return _with_full_model_clipping(torch.optim.AdamW, max_norm, norm_type)(
@@ -48,7 +47,9 @@ def clipped_adamw(
     )
 
 
-def _with_full_model_clipping(optimizer_type: Type[torch.optim.Optimizer], max_norm: float, norm_type: float):
+def _with_full_model_clipping(
+    optimizer_type: type[torch.optim.Optimizer], max_norm: float, norm_type: float
+):
     """A subclass of ``optimizer_type`` whose ``step`` first clips the gradient norm of all its
     parameters together (``clip_grad_norm_`` over the model, as the official training loop),
     rather than Detectron2's per-parameter clipping."""
@@ -74,9 +75,14 @@ def build_detr_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Op
     if name == "ADAMW":
         optimizer_type, kwargs = torch.optim.AdamW, {}
     elif name == "SGD":
-        optimizer_type, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV}
+        optimizer_type, kwargs = (
+            torch.optim.SGD,
+            {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV},
+        )
     else:
-        raise ValueError(f"SOLVER.OPTIMIZER must be 'ADAMW' or 'SGD', got {cfg.SOLVER.OPTIMIZER!r}.")
+        raise ValueError(
+            f"SOLVER.OPTIMIZER must be 'ADAMW' or 'SGD', got {cfg.SOLVER.OPTIMIZER!r}."
+        )
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED:
         if clip.CLIP_TYPE != "full_model":
@@ -84,4 +90,6 @@ def build_detr_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Op
                 f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be 'full_model' for DETR, got {clip.CLIP_TYPE!r}."
             )
         optimizer_type = _with_full_model_clipping(optimizer_type, clip.CLIP_VALUE, clip.NORM_TYPE)
-    return optimizer_type(params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **kwargs)
+    return optimizer_type(
+        params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **kwargs
+    )

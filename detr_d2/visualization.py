@@ -5,7 +5,8 @@ Every function takes an RGB uint8 image [H, W, 3] and maps already aligned with 
 closes. Matplotlib is imported here only, so the library does not need it to train.
 """
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 from matplotlib import patches
@@ -42,7 +43,7 @@ class Detection(NamedTuple):
     query: int
     label: str
     score: float
-    box: Tuple[float, float, float, float]  # xyxy pixels of the shown image
+    box: tuple[float, float, float, float]  # xyxy pixels of the shown image
     name: str  # "det03" (above the score threshold) or "top01" (fallback)
 
 
@@ -55,7 +56,7 @@ class EncoderPoint(NamedTuple):
     token: int  # the feature-map token under the point (row-major index)
 
 
-def _figure(panels: int, image_hw: Tuple[int, int], panel_width: float = 5.0) -> Figure:
+def _figure(panels: int, image_hw: tuple[int, int], panel_width: float = 5.0) -> Figure:
     height = panel_width * min(max(image_hw[0] / image_hw[1], 0.4), 2.5)
     return Figure(figsize=(panel_width * panels + 0.6 * panels, height + 0.8), dpi=100)
 
@@ -95,7 +96,7 @@ def _colorbar(fig: Figure, ax: Axes, mappable) -> None:
 
 
 def _box(
-    ax: Axes, box: Sequence[float], color: str, text: Optional[str] = None, dashed: bool = False
+    ax: Axes, box: Sequence[float], color: str, text: str | None = None, dashed: bool = False
 ) -> None:
     x0, y0, x1, y1 = box
     ax.add_patch(
@@ -188,7 +189,7 @@ def summary_figure(
     if len(detections) > columns or len(points) > columns:
         title += f"\n(maps of the first {columns} detections and points)"
     top.set_title(title, fontsize=11)
-    rows: List[Tuple[str, Sequence, Sequence[np.ndarray]]] = [
+    rows: list[tuple[str, Sequence, Sequence[np.ndarray]]] = [
         ("dec", detections, decoder_heats),
         ("enc", points, encoder_heats),
     ]

@@ -3,6 +3,7 @@
 Test modules import from here (``from helpers import ...``), never from each other or from
 ``conftest.py``.
 """
+
 import importlib.util
 import json
 import os
@@ -43,8 +44,14 @@ def tiny_cfg(**detr):
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
     cfg.MODEL.DETR.update(
-        NUM_CLASSES=3, NUM_OBJECT_QUERIES=7, HIDDEN_DIM=64, NHEADS=4, ENC_LAYERS=2, DEC_LAYERS=2,
-        DIM_FEEDFORWARD=128, DROPOUT=0.0,
+        NUM_CLASSES=3,
+        NUM_OBJECT_QUERIES=7,
+        HIDDEN_DIM=64,
+        NHEADS=4,
+        ENC_LAYERS=2,
+        DEC_LAYERS=2,
+        DIM_FEEDFORWARD=128,
+        DROPOUT=0.0,
     )
     cfg.MODEL.DETR.update(**detr)
     return cfg
@@ -99,12 +106,15 @@ def cfg_for_manifest(manifest_model, masks=False):
     """
     depth = int(manifest_model["backbone"].replace("resnet", ""))
     config = {
-        (50, False): "detr_r50.yaml", (50, True): "detr_r50_dc5.yaml",
-        (101, False): "detr_r101.yaml", (101, True): "detr_r101_dc5.yaml",
+        (50, False): "detr_r50.yaml",
+        (50, True): "detr_r50_dc5.yaml",
+        (101, False): "detr_r101.yaml",
+        (101, True): "detr_r101_dc5.yaml",
     }[(depth, bool(manifest_model["dilation"]))]
     if masks and manifest_model.get("masks"):
         config = {
-            (50, False): "detr_r50_panoptic.yaml", (50, True): "detr_r50_dc5_panoptic.yaml",
+            (50, False): "detr_r50_panoptic.yaml",
+            (50, True): "detr_r50_dc5_panoptic.yaml",
             (101, False): "detr_r101_panoptic.yaml",
         }[(depth, bool(manifest_model["dilation"]))]
     cfg = make_cfg(CONFIGS / config)
@@ -182,10 +192,17 @@ def segm_cfg(**detr):
 
 def coco_dataset_opts(prefix, train_json, train_root, val_json, val_root):
     """Config overrides registering a COCO-format train/val pair as ``<prefix>_train/_val``."""
-    register = [[f"{prefix}_train", str(train_json), str(train_root)], [f"{prefix}_val", str(val_json), str(val_root)]]
+    register = [
+        [f"{prefix}_train", str(train_json), str(train_root)],
+        [f"{prefix}_val", str(val_json), str(val_root)],
+    ]
     return [
-        "DATASETS.REGISTER_COCO", json.dumps(register),
-        "DATASETS.TRAIN", f'("{prefix}_train",)', "DATASETS.TEST", f'("{prefix}_val",)',
+        "DATASETS.REGISTER_COCO",
+        json.dumps(register),
+        "DATASETS.TRAIN",
+        f'("{prefix}_train",)',
+        "DATASETS.TEST",
+        f'("{prefix}_val",)',
     ]
 
 
@@ -194,13 +211,18 @@ def sample_face_opts(root, prefix, num_train, num_val, seed):
     from detr_d2.data.samples.faces import generate_face_dataset
 
     generate_face_dataset(str(root), num_train=num_train, num_val=num_val, seed=seed)
-    return coco_dataset_opts(prefix, root / "train.json", root / "train", root / "val.json", root / "val")
+    return coco_dataset_opts(
+        prefix, root / "train.json", root / "train", root / "val.json", root / "val"
+    )
 
 
 def train_net(*args):
     """Run ``tools/train_net.py`` with ``args`` in a subprocess; returns its stderr + stdout."""
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools/train_net.py"), *map(str, args)], capture_output=True, text=True, cwd=REPO
+        [sys.executable, str(REPO / "tools/train_net.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stderr + result.stdout

@@ -10,13 +10,22 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import REPO, assert_close, build_model_no_weights, load_tool, reference_model, tiny_cfg, write_cfg
 from detr_d2.attention import (
     CapturedAttention,
     attention_to_image,
     capture_attention,
     point_to_token,
     valid_feature_size,
+)
+
+from helpers import (
+    REPO,
+    assert_close,
+    build_model_no_weights,
+    load_tool,
+    reference_model,
+    tiny_cfg,
+    write_cfg,
 )
 
 ATOL = 5e-5  # the fixtures' suggested tolerance for attention maps

@@ -1,12 +1,15 @@
 """Official checkpoints through every Detectron2 loading path, and the model's class layout."""
+
 import logging
 
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor
+
+from detr_d2.checkpoint import safe_torch_load
+from detr_d2.engine import build_checkpointer
+from detr_d2.layout import ClassLayout, layout_from_cfg
 
 from helpers import (
     CONFIGS,
@@ -17,10 +20,6 @@ from helpers import (
     make_upstream_checkpoint,
     reference_inputs,
 )
-from detr_d2 import add_detr_config
-from detr_d2.checkpoint import safe_torch_load
-from detr_d2.engine import build_checkpointer
-from detr_d2.layout import ClassLayout, layout_from_cfg
 
 
 @pytest.fixture(scope="module")
@@ -112,16 +111,23 @@ def test_panoptic_sample_layout_same_with_and_without_datasets(tmp_path):
     cfg = _panoptic_sample_cfg()
     register = []
     for split in ("train", "val"):
-        register.append([
-            f"layout_sample_{split}", str(root / split), str(root / f"panoptic_{split}"),
-            str(root / f"panoptic_{split}.json"), str(root / f"instances_{split}.json"),
-        ])
+        register.append(
+            [
+                f"layout_sample_{split}",
+                str(root / split),
+                str(root / f"panoptic_{split}"),
+                str(root / f"panoptic_{split}.json"),
+                str(root / f"instances_{split}.json"),
+            ]
+        )
     cfg.DATASETS.REGISTER_COCO_PANOPTIC = register
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("layout_sample_train",), ("layout_sample_val",)
     register_datasets_from_cfg(cfg)
     registered = layout_from_cfg(cfg)
     assert (registered.names, registered.is_thing, registered.dataset_ids) == (
-        unregistered.names, unregistered.is_thing, unregistered.dataset_ids,
+        unregistered.names,
+        unregistered.is_thing,
+        unregistered.dataset_ids,
     )
     assert build_model_no_weights(cfg).thing_ids == (0, 1)
     cfg.MODEL.DETR.CLASS_IS_THING = [True, False, False, False, False]

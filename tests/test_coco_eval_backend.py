@@ -20,7 +20,6 @@ from detectron2.structures import Boxes, BoxMode, Instances
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from helpers import make_cfg
 from detr_d2.evaluation import (
     BackendCOCOEvaluator,
     _ThingCOCOEvaluator,
@@ -28,6 +27,8 @@ from detr_d2.evaluation import (
     coco_panoptic_evaluators,
     cocoeval_class,
 )
+
+from helpers import make_cfg
 
 # category 9 has predictions but no ground truth, category 11 ground truth but no predictions
 CATEGORIES = [(1, "person"), (3, "car"), (7, "dog"), (9, "kite"), (11, "boat")]
@@ -279,5 +280,7 @@ def test_detectron2_without_the_class_hook_falls_back(monkeypatch):
 
     monkeypatch.setattr(evaluation, "detectron2_takes_cocoeval_class", lambda: False)
     assert cocoeval_class(make_cfg()) is coco_evaluation.COCOeval
-    with pytest.raises(RuntimeError, match="TEST.COCO_EVAL_BACKEND='faster_coco_eval' cannot be applied"):
+    with pytest.raises(
+        RuntimeError, match="TEST.COCO_EVAL_BACKEND='faster_coco_eval' cannot be applied"
+    ):
         cocoeval_class(make_cfg(opts=["TEST.COCO_EVAL_BACKEND", "faster_coco_eval"]))

@@ -1,5 +1,6 @@
 """The upstream details detr_d2 relies on (detr_d2/compat.py lists them): each test fails when
 Detectron2, fvcore or PyTorch change the private behaviour a shim depends on, naming the shim."""
+
 import argparse
 import inspect
 
@@ -46,7 +47,9 @@ def test_checkpointer_lets_the_model_convert_first():
         return load_own(state_dict, prefix, *args)
 
     model._load_from_state_dict = spy
-    Checkpointer(model)._load_model({"model": {"weight": torch.zeros(5, 2), "bias": torch.zeros(3)}})
+    Checkpointer(model)._load_model(
+        {"model": {"weight": torch.zeros(5, 2), "bias": torch.zeros(3)}}
+    )
     assert seen == ["bias"]  # the 5-row weight was dropped before the model could remap it
     compat.apply_upstream_workarounds()  # idempotent: not wrapped twice
     assert not getattr(DetectionCheckpointer._load_model.__wrapped__, compat._MARK, False)
@@ -99,8 +102,15 @@ def test_default_trainer_init_is_the_one_engine_copies():
     """``DetrTrainer.__init__`` copies ``DefaultTrainer.__init__``: the attributes it sets must
     still be the ones Detectron2 sets (a new attribute upstream means updating the copy)."""
     source = inspect.getsource(DefaultTrainer.__init__)
-    for attribute in ("self._trainer", "self.scheduler", "self.checkpointer", "self.start_iter",
-                      "self.max_iter", "self.cfg", "self.register_hooks"):
+    for attribute in (
+        "self._trainer",
+        "self.scheduler",
+        "self.checkpointer",
+        "self.start_iter",
+        "self.max_iter",
+        "self.cfg",
+        "self.register_hooks",
+    ):
         assert attribute in source, attribute
     assert _parameters(DefaultTrainer.__init__) == ["self", "cfg"]
     assert _parameters(DefaultTrainer.auto_scale_workers) == ["cfg", "num_workers"]
@@ -142,7 +152,9 @@ def test_tools_print_no_detectron2_jit_warnings():
 
     result = subprocess.run(
         [sys.executable, "-W", "default", str(REPO / "tools" / "train_net.py"), "--help"],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torch.jit.script" not in result.stderr

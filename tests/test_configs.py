@@ -1,11 +1,13 @@
 """Every YAML in configs/ loads with add_detr_config and builds a model."""
+
 import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from helpers import CONFIGS, make_cfg
 from detr_d2 import add_detr_config
+
+from helpers import CONFIGS, make_cfg
 
 CONFIG_FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
 
@@ -39,14 +41,18 @@ def test_dc5_first_res5_block_is_undilated():
 
 def test_unknown_key_fails_with_the_key_named(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text('_BASE_: "%s"\nMODEL:\n  DETR:\n    NUM_CLASSE: 3\n' % (CONFIGS / "Base-DETR.yaml"))
+    bad.write_text(
+        '_BASE_: "%s"\nMODEL:\n  DETR:\n    NUM_CLASSE: 3\n' % (CONFIGS / "Base-DETR.yaml")
+    )
     cfg = get_cfg()
     add_detr_config(cfg)
     with pytest.raises(KeyError, match="NUM_CLASSE"):
         cfg.merge_from_file(str(bad))
 
 
-@pytest.mark.parametrize("key,value", [("MODEL.DETR.POSITION_EMBEDDING", "random"), ("MODEL.DETR.NHEADS", 7)])
+@pytest.mark.parametrize(
+    "key,value", [("MODEL.DETR.POSITION_EMBEDDING", "random"), ("MODEL.DETR.NHEADS", 7)]
+)
 def test_invalid_values_rejected_with_key(key, value):
     cfg = make_cfg(opts=[key, value])
     with pytest.raises(ValueError, match=key.rsplit(".", 1)[1]):

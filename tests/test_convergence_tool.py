@@ -1,11 +1,13 @@
 """tools/convergence.py: command lines of the runs, curves read from Detectron2's metrics.json,
 the report's tables and plot."""
+
 import json
 
 import pytest
 
-from helpers import load_tool
 from detr_d2.dev.convergence import collect, markdown_report, read_curve, train_command
+
+from helpers import load_tool
 
 SPEC = {
     "config": "configs/detr_face_sample.yaml",
@@ -23,14 +25,30 @@ def write_run(root, variant, seed, ap50_held):
     rows = []
     for i, ap50 in enumerate(ap50_held):
         rows.append({"iteration": 10 * i + 9, "total_loss": 1.0})
-        rows.append({"iteration": 10 * i + 9, "held/bbox/AP50": ap50, "held/bbox/AP": ap50 / 2,
-                     "val/bbox/AP50": ap50 + 1, "val/bbox/AP": 0.0})
+        rows.append(
+            {
+                "iteration": 10 * i + 9,
+                "held/bbox/AP50": ap50,
+                "held/bbox/AP": ap50 / 2,
+                "val/bbox/AP50": ap50 + 1,
+                "val/bbox/AP": 0.0,
+            }
+        )
     (path / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
 def test_train_command_adds_overrides_variant_seed_and_output(tmp_path):
     command = train_command(SPEC, "groups", 2, str(tmp_path))
-    assert command[-8:] == ["SOLVER.MAX_ITER", "20", "MODEL.DETR.GROUPS", "4", "SEED", "2", "OUTPUT_DIR", str(tmp_path / "groups" / "seed_2")]
+    assert command[-8:] == [
+        "SOLVER.MAX_ITER",
+        "20",
+        "MODEL.DETR.GROUPS",
+        "4",
+        "SEED",
+        "2",
+        "OUTPUT_DIR",
+        str(tmp_path / "groups" / "seed_2"),
+    ]
     with pytest.raises(KeyError, match="groups"):
         train_command(SPEC, "dense", 1, str(tmp_path))
 
@@ -41,8 +59,13 @@ def test_curves_tables_and_plot(tmp_path):
     write_run(tmp_path, "groups", 1, [50.0, 70.0])
     write_run(tmp_path, "groups", 2, [60.0, 90.0])
     curve = read_curve(tmp_path / "plain" / "seed_1", SPEC["eval_sets"])
-    assert curve == {"iteration": [10, 20], "held/AP": [5.0, 10.0], "held/AP50": [10.0, 20.0],
-                     "val/AP": [0.0, 0.0], "val/AP50": [11.0, 21.0]}
+    assert curve == {
+        "iteration": [10, 20],
+        "held/AP": [5.0, 10.0],
+        "held/AP50": [10.0, 20.0],
+        "val/AP": [0.0, 0.0],
+        "val/AP50": [11.0, 21.0],
+    }
     results = collect(SPEC, str(tmp_path))
     text = markdown_report(SPEC, results, {"plain": 0.2, "groups": 0.25}, "plain")
     assert "| groups | 0.250 | +25 % |" in text
@@ -54,7 +77,23 @@ def test_curves_tables_and_plot(tmp_path):
     speeds.write_text(json.dumps({"plain": 0.2, "groups": 0.25}))
     tool = load_tool("convergence")
     markdown, plot = tmp_path / "tables.md", tmp_path / "curves.png"
-    assert tool.main(["report", "--spec", str(spec_path), "--out", str(tmp_path), "--speeds", str(speeds),
-                      "--markdown", str(markdown), "--plot", str(plot)]) == 0
+    assert (
+        tool.main(
+            [
+                "report",
+                "--spec",
+                str(spec_path),
+                "--out",
+                str(tmp_path),
+                "--speeds",
+                str(speeds),
+                "--markdown",
+                str(markdown),
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
     assert markdown.read_text() == text
     assert plot.stat().st_size > 10000

@@ -1,9 +1,11 @@
 """detr_d2.engine helpers: the automatic loader worker count."""
+
 import pytest
 
-from helpers import tiny_cfg
 from detr_d2 import engine
 from detr_d2.engine import resolve_num_workers
+
+from helpers import tiny_cfg
 
 
 def test_explicit_num_workers_is_kept():

@@ -6,6 +6,7 @@ identical classes, checked on the traced batch, on the fixture batch (two differ
 images, another padded size) and on one image of a third size, so a size frozen into the graph
 fails. Small models cover bf16, Detectron2's TracingAdapter and the command-line tools.
 """
+
 import json
 import logging
 import warnings
@@ -13,6 +14,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+
+from detr_d2.engine import build_checkpointer
+from detr_d2.export import ExportedDetr, example_images, export_model, pad_batch
 
 from helpers import (
     CONFIGS,
@@ -26,8 +30,6 @@ from helpers import (
     tiny_cfg,
     write_cfg,
 )
-from detr_d2.engine import build_checkpointer
-from detr_d2.export import ExportedDetr, example_images, export_model, pad_batch
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +39,17 @@ pytest.importorskip("onnxscript")
 BACKENDS = {"torchscript": "torchscript", "onnx": "onnxruntime"}
 # DC5 differs from R50 only by the dilation of res5 (constants of the trace): its TorchScript
 # export is left to R50, to keep the suite's heaviest exports at five.
-FORMATS = {"r50": ("torchscript", "onnx"), "r50_dc5": ("onnx",), "r50_panoptic": ("torchscript", "onnx")}
+FORMATS = {
+    "r50": ("torchscript", "onnx"),
+    "r50_dc5": ("onnx",),
+    "r50_panoptic": ("torchscript", "onnx"),
+}
 
 
 def assert_close(actual, expected, atol, name):
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     diff = (actual.float() - expected.float()).abs().max().item()
     logger.info(f"{name}: max abs difference {diff:.3g}")
     assert diff <= atol, f"{name}: max abs difference {diff:.3g} > {atol}"
@@ -70,7 +78,9 @@ def reference(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"export_{variant}")
     expected, manifest = load_reference(variant)
     cfg = cfg_for_manifest(manifest["model"], masks=True)
-    cfg.MODEL.WEIGHTS = str(make_upstream_checkpoint(manifest, expected["args"]["seed"], directory / "upstream.pth"))
+    cfg.MODEL.WEIGHTS = str(
+        make_upstream_checkpoint(manifest, expected["args"]["seed"], directory / "upstream.pth")
+    )
     if cfg.MODEL.MASK_ON:
         cfg.MODEL.DETR.TEST.PANOPTIC_THRESHOLD = expected["panoptic"]["threshold"]
     model = build_model_no_weights(cfg)
@@ -78,12 +88,25 @@ def reference(request, tmp_path_factory):
     model.eval()
     images = [x["image"] for x in reference_inputs(expected)]
     cases = size_cases(images)
-    raw = {name: model.predict_raw([{"image": image} for image in case]) for name, case in cases.items()}
+    raw = {
+        name: model.predict_raw([{"image": image} for image in case])
+        for name, case in cases.items()
+    }
     exports = {
-        fmt: ExportedDetr(str(export_model(model, cfg, fmt, str(directory / fmt), images[0]).parent), BACKENDS[fmt])
+        fmt: ExportedDetr(
+            str(export_model(model, cfg, fmt, str(directory / fmt), images[0]).parent),
+            BACKENDS[fmt],
+        )
         for fmt in FORMATS[variant]
     }
-    return {"variant": variant, "expected": expected, "model": model, "cases": cases, "raw": raw, "exports": exports}
+    return {
+        "variant": variant,
+        "expected": expected,
+        "model": model,
+        "cases": cases,
+        "raw": raw,
+        "exports": exports,
+    }
 
 
 @pytest.mark.parametrize("fmt", list(BACKENDS))
@@ -144,7 +167,9 @@ def test_exported_postprocessing_equals_pytorch(reference, fmt):
             ]
             tolerance = 1e-3 * ids.numel()  # the flipped pixels move between segments
             assert all(abs(a["area"] - b["area"]) <= tolerance for a, b in zip(info, other_info))
-            assert [s["score"] for s in other_info] == pytest.approx([s["score"] for s in info], abs=1e-5)
+            assert [s["score"] for s in other_info] == pytest.approx(
+                [s["score"] for s in info], abs=1e-5
+            )
     if reference["variant"] == "r50_panoptic":
         assert any(len(out["panoptic_seg"][1]) for out in ours), "no panoptic segment to compare"
 
@@ -158,7 +183,10 @@ def tiny():
 
 def test_bf16_torchscript_runs_in_bf16(tiny, tmp_path):
     model, image = tiny
-    exported = ExportedDetr(str(export_model(model, tiny_cfg(), "torchscript", str(tmp_path), image, "bf16").parent), "torchscript")
+    exported = ExportedDetr(
+        str(export_model(model, tiny_cfg(), "torchscript", str(tmp_path), image, "bf16").parent),
+        "torchscript",
+    )
     other = [torch.randint(0, 256, (3, 150, 70), dtype=torch.uint8), image]
     outputs = exported.run_graph(*pad_batch(other))
     model.test_precision = torch.bfloat16
@@ -168,7 +196,9 @@ def test_bf16_torchscript_runs_in_bf16(tiny, tmp_path):
         model.test_precision = torch.float32
     fp32 = model.predict_raw([{"image": x} for x in other])
     assert_close(outputs["pred_logits"], reference["pred_logits"], 1e-2, "bf16 pred_logits")
-    assert (outputs["pred_logits"] - fp32["pred_logits"]).abs().max() > 0, "graph did not run in bf16"
+    assert (outputs["pred_logits"] - fp32["pred_logits"]).abs().max() > 0, (
+        "graph did not run in bf16"
+    )
     meta = json.loads((tmp_path / "detr_export.json").read_text())
     assert meta["precision"] == "bf16" and meta["input_format"] == "RGB"
 
@@ -185,7 +215,9 @@ def test_tracing_adapter_works_at_other_sizes(tiny):
 
     model, image = tiny
     adapter = TracingAdapter(
-        model, [{"image": image.float()}], inference_func=lambda m, x: m.inference(x, do_postprocess=False)
+        model,
+        [{"image": image.float()}],
+        inference_func=lambda m, x: m.inference(x, do_postprocess=False),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -223,10 +255,22 @@ def test_tools_export_eval_predict_and_benchmark(face_setup):
     config = str(CONFIGS / "detr_face_sample.yaml")
     export_dir = root / "onnx"
     load_tool("export_model").main(
-        ["--config-file", config, "--format", "onnx", "--output", str(export_dir), "--run-eval", *opts]
+        [
+            "--config-file",
+            config,
+            "--format",
+            "onnx",
+            "--output",
+            str(export_dir),
+            "--run-eval",
+            *opts,
+        ]
     )
     meta = json.loads((export_dir / "detr_export.json").read_text())
-    assert meta["class_names"] == ["face"] and meta["output_names"][:2] == ["pred_logits", "pred_boxes"]
+    assert meta["class_names"] == ["face"] and meta["output_names"][:2] == [
+        "pred_logits",
+        "pred_boxes",
+    ]
     assert meta["pixel_mean"] and meta["min_size_test"] == 192
     results = json.loads((export_dir / "eval_results.json").read_text())
     assert "AP50" in results["bbox"]
@@ -237,20 +281,50 @@ def test_tools_export_eval_predict_and_benchmark(face_setup):
     for backend in ("pytorch", "onnxruntime"):
         out = root / f"predict_{backend}"
         predict.main(
-            ["--config-file", config, "--input", images, "--output", str(out), "--score-threshold", "0",
-             "--backend", backend, "--exported", str(export_dir), *opts]
+            [
+                "--config-file",
+                config,
+                "--input",
+                images,
+                "--output",
+                str(out),
+                "--score-threshold",
+                "0",
+                "--backend",
+                backend,
+                "--exported",
+                str(export_dir),
+                *opts,
+            ]
         )
         outputs[backend] = json.loads((out / "predictions.json").read_text())
         assert all((out / record["drawing"]).exists() for record in outputs[backend])
     for ours, theirs in zip(outputs["pytorch"], outputs["onnxruntime"], strict=True):
-        assert [i["category_id"] for i in ours["instances"]] == [i["category_id"] for i in theirs["instances"]]
+        assert [i["category_id"] for i in ours["instances"]] == [
+            i["category_id"] for i in theirs["instances"]
+        ]
         for a, b in zip(ours["instances"], theirs["instances"]):
             assert a["score"] == pytest.approx(b["score"], abs=1e-4)
             assert a["bbox_xyxy"] == pytest.approx(b["bbox_xyxy"], abs=0.05)
 
     record = load_tool("benchmark").main(
-        ["--config-file", config, "--task", "inference", "--backend", "onnxruntime", "--exported",
-         str(export_dir), "--warmup", "0", "--iters", "1", "--output", str(root / "bench.json"), *opts]
+        [
+            "--config-file",
+            config,
+            "--task",
+            "inference",
+            "--backend",
+            "onnxruntime",
+            "--exported",
+            str(export_dir),
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--output",
+            str(root / "bench.json"),
+            *opts,
+        ]
     )
     assert record["backend"] == "onnxruntime" and record["images_per_second"] > 0
 
@@ -269,6 +343,16 @@ def test_tools_refuse_a_mismatched_export(face_setup, tiny, tmp_path):
     cfg_file = write_cfg(tiny_cfg(), tmp_path / "tiny.yaml")
     with pytest.raises(FileNotFoundError, match="detr_export.json not found"):
         load_tool("predict").main(
-            ["--config-file", str(cfg_file), "--input", str(tmp_path), "--output", str(tmp_path / "p"),
-             "--backend", "torchscript", "--exported", str(tmp_path / "missing")]
+            [
+                "--config-file",
+                str(cfg_file),
+                "--input",
+                str(tmp_path),
+                "--output",
+                str(tmp_path / "p"),
+                "--backend",
+                "torchscript",
+                "--exported",
+                str(tmp_path / "missing"),
+            ]
         )

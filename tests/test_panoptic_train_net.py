@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from helpers import CONFIGS, REPO
 from detr_d2.data.samples.panoptic import generate_panoptic_dataset
+
+from helpers import CONFIGS, REPO
 
 QUICK = CONFIGS / "quick_schedules"
 

@@ -1,6 +1,7 @@
 """Mixed precision (detr_d2.precision): bf16 training with fp32 matching/losses and losses
 equivalent to fp32, the whole train/resume/evaluate path with every fast path on, clear precision
 errors, and the CPU fallback of GPU precision settings."""
+
 import itertools
 import json
 
@@ -8,22 +9,27 @@ import pytest
 import torch
 from detectron2.utils.events import EventStorage
 
-from helpers import INSTANT, build_model_no_weights, sample_face_opts, tiny_cfg, train_net
 from detr_d2.dev.benchmark import synthetic_batch
 from detr_d2.engine import build_step_trainer, resolve_device
 from detr_d2.solver import build_detr_optimizer
+
+from helpers import INSTANT, build_model_no_weights, sample_face_opts, tiny_cfg, train_net
 
 
 def one_step_losses(cfg, batch, steps):
     """Total loss of ``steps`` trainer steps on one repeated batch, from one initialisation."""
     model = build_model_no_weights(cfg).train()
-    trainer = build_step_trainer(cfg, model, itertools.cycle([batch]), build_detr_optimizer(cfg, model))
+    trainer = build_step_trainer(
+        cfg, model, itertools.cycle([batch]), build_detr_optimizer(cfg, model)
+    )
     seen_dtypes = set()
     compute = model.criterion.compute
 
     def spy(outputs, targets, *args, **kwargs):
         seen_dtypes.update({outputs["pred_logits"].dtype, outputs["pred_boxes"].dtype})
-        seen_dtypes.add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32)
+        seen_dtypes.add(
+            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+        )
         losses, metrics, indices = compute(outputs, targets, *args, **kwargs)
         seen_dtypes.update(v.dtype for v in losses.values())
         return losses, metrics, indices
@@ -97,7 +103,11 @@ def test_gpu_config_on_cpu_falls_back_to_bf16():
     cfg.SOLVER.AMP.ENABLED = True
     cfg.SOLVER.AMP.PRECISION = "fp16"
     resolve_device(cfg)
-    assert (cfg.MODEL.DEVICE, cfg.TEST.PRECISION, cfg.SOLVER.AMP.PRECISION) == ("cpu", "bf16", "bf16")
+    assert (cfg.MODEL.DEVICE, cfg.TEST.PRECISION, cfg.SOLVER.AMP.PRECISION) == (
+        "cpu",
+        "bf16",
+        "bf16",
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -117,8 +127,16 @@ def test_train_net_bf16_fast_paths_train_resume_and_evaluate(tmp_path):
     included), resume, and evaluation of a bf16, folded, channels-last inference copy."""
     data = sample_face_opts(tmp_path / "faces", "faces_fast", num_train=8, num_val=4, seed=5)
     fast = [
-        "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bf16", "MODEL.DETR.CHANNELS_LAST", "True",
-        "TEST.PRECISION", "bf16", "TEST.FOLD_BATCHNORM", "True",
+        "SOLVER.AMP.ENABLED",
+        "True",
+        "SOLVER.AMP.PRECISION",
+        "bf16",
+        "MODEL.DETR.CHANNELS_LAST",
+        "True",
+        "TEST.PRECISION",
+        "bf16",
+        "TEST.FOLD_BATCHNORM",
+        "True",
     ]
     out = tmp_path / "run"
     log = train_net("--config-file", INSTANT, *data, *fast, "OUTPUT_DIR", out)
@@ -126,5 +144,7 @@ def test_train_net_bf16_fast_paths_train_resume_and_evaluate(tmp_path):
     metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert "bbox/AP" in metrics[-1]
     assert all(torch.isfinite(torch.tensor(m["total_loss"])) for m in metrics if "total_loss" in m)
-    log = train_net("--config-file", INSTANT, "--resume", *data, *fast, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", 6)
+    log = train_net(
+        "--config-file", INSTANT, "--resume", *data, *fast, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", 6
+    )
     assert "Starting training from iteration 4" in log

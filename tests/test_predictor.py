@@ -1,13 +1,22 @@
 """DetrPredictor and tools/predict.py: the real class names in drawings and JSON, from the
 config's datasets or from a model directory alone."""
+
 import json
 
 import pytest
 from detectron2.utils.visualizer import Visualizer
 
-from helpers import CONFIGS, build_model_no_weights, load_tool, make_cfg, sample_face_opts, write_cfg
 from detr_d2.engine import build_checkpointer
 from detr_d2.predictor import DetrPredictor, list_images
+
+from helpers import (
+    CONFIGS,
+    build_model_no_weights,
+    load_tool,
+    make_cfg,
+    sample_face_opts,
+    write_cfg,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +46,9 @@ class _RecordingVisualizer(Visualizer):
 
 
 @pytest.mark.parametrize("with_datasets", [True, False])
-def test_predict_draws_and_writes_real_class_names(face_model, tmp_path, monkeypatch, with_datasets):
+def test_predict_draws_and_writes_real_class_names(
+    face_model, tmp_path, monkeypatch, with_datasets
+):
     """With the config's datasets, and from the model directory alone (config without datasets +
     the checkpoint's saved layout): the face is labelled "face", never "class 0"."""
     cfg, root = face_model
@@ -54,7 +65,9 @@ def test_predict_draws_and_writes_real_class_names(face_model, tmp_path, monkeyp
     predictions = json.loads((out / "predictions.json").read_text())
     names = {i["category_name"] for p in predictions for i in p["instances"]}
     assert names == {"face"}
-    assert _RecordingVisualizer.labels and all(label.startswith("face ") for label in _RecordingVisualizer.labels)
+    assert _RecordingVisualizer.labels and all(
+        label.startswith("face ") for label in _RecordingVisualizer.labels
+    )
 
 
 def test_predictor_names_and_folder_input(face_model):

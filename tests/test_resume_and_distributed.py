@@ -1,5 +1,6 @@
 """Reliability of training runs: a SIGKILLed run resumes exactly, checkpoints are written
 atomically, and 2 CPU processes (gloo) train like 1 process with the same total batch."""
+
 import json
 import os
 import signal
@@ -10,16 +11,19 @@ import time
 import pytest
 import torch
 
-from helpers import CONFIGS, REPO, coco_dataset_opts, sample_face_opts
 from detr_d2.checkpoint import DetrCheckpointer
 from detr_d2.data.samples.faces import generate_face_dataset
+
+from helpers import CONFIGS, REPO, coco_dataset_opts, sample_face_opts
 
 INSTANT = CONFIGS / "quick_schedules" / "detr_face_sample_instant_test.yaml"
 
 
 @pytest.fixture(scope="module")
 def data_opts(tmp_path_factory):
-    return sample_face_opts(tmp_path_factory.mktemp("faces"), "faces_rel", num_train=16, num_val=6, seed=5)
+    return sample_face_opts(
+        tmp_path_factory.mktemp("faces"), "faces_rel", num_train=16, num_val=6, seed=5
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +49,26 @@ def square_data_opts(tmp_path_factory):
             ann["area"] = w * sx * h * sy
             ann.pop("segmentation", None)
         (root / f"{split}_square.json").write_text(json.dumps(coco))
-    return coco_dataset_opts("faces_square", root / "train_square.json", root / "train", root / "val_square.json", root / "val")
+    return coco_dataset_opts(
+        "faces_square",
+        root / "train_square.json",
+        root / "train",
+        root / "val_square.json",
+        root / "val",
+    )
 
 
 def command(out, *opts, args=()):
-    return [sys.executable, str(REPO / "tools/train_net.py"), "--config-file", str(INSTANT), *args, *map(str, opts), "OUTPUT_DIR", str(out)]
+    return [
+        sys.executable,
+        str(REPO / "tools/train_net.py"),
+        "--config-file",
+        str(INSTANT),
+        *args,
+        *map(str, opts),
+        "OUTPUT_DIR",
+        str(out),
+    ]
 
 
 def run(cmd):
@@ -63,13 +82,36 @@ def final_state(out):
 
 
 # dropout on, so the restored RNG state matters too
-SCHEDULE = ["SOLVER.MAX_ITER", 8, "SOLVER.CHECKPOINT_PERIOD", 2, "SOLVER.STEPS", "(5,)", "SEED", 7, "MODEL.DETR.DROPOUT", 0.1, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()"]
+SCHEDULE = [
+    "SOLVER.MAX_ITER",
+    8,
+    "SOLVER.CHECKPOINT_PERIOD",
+    2,
+    "SOLVER.STEPS",
+    "(5,)",
+    "SEED",
+    7,
+    "MODEL.DETR.DROPOUT",
+    0.1,
+    "TEST.EVAL_PERIOD",
+    0,
+    "DATASETS.TEST",
+    "()",
+]
 
 
 # every training-only convergence aid, each with its own state (queries, EMA, dense head)
 TRAINING_AIDS = [
-    "MODEL.DETR.GROUPS", 3, "MODEL.DETR.ONE_TO_MANY.NUM_QUERIES", 12, "MODEL.DETR.CLASS_LOSS", "ia_bce",
-    "MODEL.DETR.DENSE_AUX.ENABLED", True, "SOLVER.EMA.ENABLED", True,
+    "MODEL.DETR.GROUPS",
+    3,
+    "MODEL.DETR.ONE_TO_MANY.NUM_QUERIES",
+    12,
+    "MODEL.DETR.CLASS_LOSS",
+    "ia_bce",
+    "MODEL.DETR.DENSE_AUX.ENABLED",
+    True,
+    "SOLVER.EMA.ENABLED",
+    True,
 ]
 
 
@@ -79,10 +121,17 @@ def test_sigkill_then_resume_equals_uninterrupted_run(data_opts, tmp_path, aids)
     run(command(reference, *data_opts, *SCHEDULE, *aids))
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(command(killed, *data_opts, *SCHEDULE, *aids), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command(killed, *data_opts, *SCHEDULE, *aids),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (killed / "model_0000003.pth").exists():  # killed right after the second checkpoint
-        assert process.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        assert process.poll() is None and time.time() < deadline, (
+            "training ended before it could be killed"
+        )
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
@@ -127,7 +176,23 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
 
 
-@pytest.mark.parametrize("aids", [[], ["MODEL.DETR.GROUPS", 3, "MODEL.DETR.ONE_TO_MANY.NUM_QUERIES", 12, "MODEL.DETR.CLASS_LOSS", "focal", "MODEL.DETR.DENSE_AUX.ENABLED", True]], ids=["plain", "training_aids"])
+@pytest.mark.parametrize(
+    "aids",
+    [
+        [],
+        [
+            "MODEL.DETR.GROUPS",
+            3,
+            "MODEL.DETR.ONE_TO_MANY.NUM_QUERIES",
+            12,
+            "MODEL.DETR.CLASS_LOSS",
+            "focal",
+            "MODEL.DETR.DENSE_AUX.ENABLED",
+            True,
+        ],
+    ],
+    ids=["plain", "training_aids"],
+)
 def test_two_cpu_processes_train_like_one(square_data_opts, tmp_path, aids):
     """Same total batch (4) and seed: 1 process with batch 4 vs 2 gloo processes with 2 each.
 
@@ -139,15 +204,36 @@ def test_two_cpu_processes_train_like_one(square_data_opts, tmp_path, aids):
     step, so the losses of 2 iterations are compared to 1e-4 relative instead. In fp32: bf16
     rounding (the sample config's "auto" precision) would dwarf these tolerances.
     """
-    opts = [*square_data_opts, "SOLVER.IMS_PER_BATCH", 4, "SOLVER.MAX_ITER", 2, "SEED", 3, "MODEL.RESNETS.NORM", "FrozenBN", "SOLVER.CHECKPOINT_PERIOD", 1, "SOLVER.AMP.ENABLED", False, *aids]
+    opts = [
+        *square_data_opts,
+        "SOLVER.IMS_PER_BATCH",
+        4,
+        "SOLVER.MAX_ITER",
+        2,
+        "SEED",
+        3,
+        "MODEL.RESNETS.NORM",
+        "FrozenBN",
+        "SOLVER.CHECKPOINT_PERIOD",
+        1,
+        "SOLVER.AMP.ENABLED",
+        False,
+        *aids,
+    ]
     single, double = tmp_path / "one", tmp_path / "two"
     run(command(single, *opts))
     log = run(command(double, *opts, args=["--num-gpus", "2", "--dist-url", "auto"]))
     assert "Running on cpu" in log
-    after_one_step = [torch.load(out / "model_0000000.pth", weights_only=True)["model"] for out in (single, double)]
+    after_one_step = [
+        torch.load(out / "model_0000000.pth", weights_only=True)["model"]
+        for out in (single, double)
+    ]
     for key, value in after_one_step[0].items():
         assert torch.allclose(after_one_step[1][key], value, rtol=0, atol=1e-6), key
-    rows = [[json.loads(line) for line in (out / "metrics.json").read_text().splitlines()] for out in (single, double)]
+    rows = [
+        [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+        for out in (single, double)
+    ]
     train = [[m for m in r if "total_loss" in m][-1] for r in rows]
     keys = ["total_loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_giou_0"]
     if aids:
@@ -155,6 +241,8 @@ def test_two_cpu_processes_train_like_one(square_data_opts, tmp_path, aids):
     for key in keys:
         assert train[0][key] == pytest.approx(train[1][key], rel=1e-4), key
     # evaluation gathers the predictions of both ranks: all 6 val images are scored
-    predictions = json.loads((double / "inference" / "faces_square_val" / "coco_instances_results.json").read_text())
+    predictions = json.loads(
+        (double / "inference" / "faces_square_val" / "coco_instances_results.json").read_text()
+    )
     assert len({p["image_id"] for p in predictions}) == 6
     assert "bbox/AP" in rows[1][-1]

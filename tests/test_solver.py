@@ -2,8 +2,9 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
-from helpers import tiny_cfg
 from detr_d2.solver import build_detr_optimizer
+
+from helpers import tiny_cfg
 
 
 def test_param_groups_backbone_multiplier_and_frozen_left_out():
@@ -21,7 +22,9 @@ def test_param_groups_backbone_multiplier_and_frozen_left_out():
             assert lr_of[id(param)] == pytest.approx(1e-5), name
         else:
             assert lr_of[id(param)] == pytest.approx(1e-4), name
-    assert not any(n.startswith("backbone.res2.") and p.requires_grad for n, p in model.named_parameters())
+    assert not any(
+        n.startswith("backbone.res2.") and p.requires_grad for n, p in model.named_parameters()
+    )
 
 
 def test_full_model_gradient_clipping():
@@ -85,6 +88,9 @@ def test_non_finite_loss_stops_before_the_step_and_names_the_term():
     model = Diverged()
     trainer = _DetrSimpleTrainer(model, [[{}]] * 3, torch.optim.SGD(model.parameters(), lr=1.0))
     trainer.iter = 41
-    with EventStorage(41), pytest.raises(FloatingPointError, match=r"iteration 41: loss_giou_3=nan"):
+    with (
+        EventStorage(41),
+        pytest.raises(FloatingPointError, match=r"iteration 41: loss_giou_3=nan"),
+    ):
         trainer.run_step()
     assert model.w.item() == 1.0  # the optimizer did not step

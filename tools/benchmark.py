@@ -25,25 +25,27 @@ DETR's mapper. The record (printed, and written to ``--output``, default
 ``--table A.json B.json ...`` prints records side by side as a markdown table.
 Arguments after the options are config overrides (``KEY VALUE`` pairs).
 """
+
 import warnings
 
 # Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 import argparse
 import json
 import logging
 import os
 import sys
-from typing import List, Optional
 
 import torch
 from detectron2.config import get_cfg
 from detectron2.utils.logger import setup_logger
 
 from detr_d2 import add_detr_config
-from detr_d2.dev.benchmark import TASKS, markdown_table, run_benchmark
 from detr_d2.data import register_datasets_from_cfg
+from detr_d2.dev.benchmark import TASKS, markdown_table, run_benchmark
 from detr_d2.engine import resolve_device
 from detr_d2.export import BACKENDS, exported_model
 from detr_d2.predictor import DetrPredictor
@@ -51,7 +53,7 @@ from detr_d2.predictor import DetrPredictor
 logger = logging.getLogger("detr_d2.dev.benchmark")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__,
@@ -59,24 +61,53 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--config-file", help="a detr_d2 YAML config")
     parser.add_argument("--task", choices=TASKS)
-    parser.add_argument("--table", nargs="+", metavar="JSON",
-                        help="instead of measuring: print a markdown table of these records")
-    parser.add_argument("--weights", help="checkpoint to load (MODEL.WEIGHTS); default: random init")
-    parser.add_argument("--backend", choices=BACKENDS, default="pytorch",
-                        help="inference/eval: the PyTorch model or an export (see --exported)")
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        metavar="JSON",
+        help="instead of measuring: print a markdown table of these records",
+    )
+    parser.add_argument(
+        "--weights", help="checkpoint to load (MODEL.WEIGHTS); default: random init"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="pytorch",
+        help="inference/eval: the PyTorch model or an export (see --exported)",
+    )
     parser.add_argument("--exported", help="export folder of tools/export_model.py (--backend)")
-    parser.add_argument("--input", choices=("synthetic", "dataset"), default="synthetic",
-                        help="inference/train inputs (data/eval always use the datasets)")
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
-                        help="synthetic input size (default: MIN_SIZE_TEST MAX_SIZE_TEST)")
-    parser.add_argument("--batch-size", type=int,
-                        help="images per call (default: 1 for inference, SOLVER.IMS_PER_BATCH for train)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
-                        help="sets TEST.PRECISION (inference) or SOLVER.AMP (train)")
+    parser.add_argument(
+        "--input",
+        choices=("synthetic", "dataset"),
+        default="synthetic",
+        help="inference/train inputs (data/eval always use the datasets)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="synthetic input size (default: MIN_SIZE_TEST MAX_SIZE_TEST)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per call (default: 1 for inference, SOLVER.IMS_PER_BATCH for train)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        help="sets TEST.PRECISION (inference) or SOLVER.AMP (train)",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     parser.add_argument("--iters", type=int, default=10, help="timed runs (default 10)")
-    parser.add_argument("--loader-batches", type=int, default=20,
-                        help="data task: batches drawn from the loader (default 20)")
+    parser.add_argument(
+        "--loader-batches",
+        type=int,
+        default=20,
+        help="data task: batches drawn from the loader (default 20)",
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--label", default="", help="free text stored in the record")
     parser.add_argument("--output", help="JSON file (default OUTPUT_DIR/benchmark_<task>.json)")
@@ -111,7 +142,7 @@ def load_model(cfg) -> torch.nn.Module:
     return DetrPredictor(cfg, load_weights=bool(cfg.MODEL.WEIGHTS)).model
 
 
-def main(argv: Optional[List[str]] = None) -> Optional[dict]:
+def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     if args.table:
         records = []
@@ -131,9 +162,9 @@ def main(argv: Optional[List[str]] = None) -> Optional[dict]:
     record = run_benchmark(
         cfg,
         args.task,
-        build_model=load_model if args.backend == "pytorch" else (
-            lambda cfg: exported_model(cfg, args.backend, args.exported)
-        ),
+        build_model=load_model
+        if args.backend == "pytorch"
+        else (lambda cfg: exported_model(cfg, args.backend, args.exported)),
         input_source=args.input,
         batch_size=args.batch_size,
         image_size=tuple(args.image_size) if args.image_size else None,
@@ -142,8 +173,13 @@ def main(argv: Optional[List[str]] = None) -> Optional[dict]:
         loader_batches=args.loader_batches,
         output_dir=os.path.join(cfg.OUTPUT_DIR, "benchmark_eval"),
     )
-    record.update(config_file=args.config_file, opts=args.opts, label=args.label, command=sys.argv,
-                  backend=args.backend)
+    record.update(
+        config_file=args.config_file,
+        opts=args.opts,
+        label=args.label,
+        command=sys.argv,
+        backend=args.backend,
+    )
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(record, f, indent=2)

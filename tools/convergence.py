@@ -11,23 +11,36 @@ report (tables of AP50/AP per evaluation, seconds per iteration, PNG curves) in 
 variant's seconds per iteration alone (``--speed-iters``, or reads ``--speeds JSON``) for the
 wall-clock axis.
 """
+
 import warnings
 
 # Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 import argparse
 import json
 import logging
 import sys
 
-from detr_d2.dev.convergence import collect, load_spec, markdown_report, measure_speed, plot_curves, run_experiment
+from detr_d2.dev.convergence import (
+    collect,
+    load_spec,
+    markdown_report,
+    measure_speed,
+    plot_curves,
+    run_experiment,
+)
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[convergence] %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=("run", "report"))
     parser.add_argument("--spec", required=True, help="experiment spec (JSON)")
     parser.add_argument("--out", default="output/convergence", help="folder of the runs")

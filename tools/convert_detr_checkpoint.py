@@ -8,10 +8,13 @@ Detectron2-format file for detr_d2, and report what was converted.
 `MODEL.WEIGHTS` also accepts the official file directly (it is converted on load); converting once
 saves the work at every start and lets you inspect the key table.
 """
+
 import warnings
 
 # Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 import argparse
 import logging
@@ -21,7 +24,11 @@ from detectron2.config import get_cfg
 from detectron2.data.datasets import builtin  # noqa: F401  (registers the COCO metadata)
 
 from detr_d2 import add_detr_config
-from detr_d2.checkpoint import convert_official_state_dict, is_official_detr_state_dict, safe_torch_load
+from detr_d2.checkpoint import (
+    convert_official_state_dict,
+    is_official_detr_state_dict,
+    safe_torch_load,
+)
 from detr_d2.data import coco_class_rows
 
 logger = logging.getLogger("convert_detr_checkpoint")
@@ -39,11 +46,15 @@ def class_rows_for(num_classes: int) -> list:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("input", help="official DETR .pth file")
     parser.add_argument("output", help="where to write the Detectron2-format .pth")
     parser.add_argument(
-        "--num-classes", type=int, default=None,
+        "--num-classes",
+        type=int,
+        default=None,
         help="classes of the target model: default keeps the head as it is (91 for COCO detection, "
         "250 for panoptic checkpoints); 80 remaps a 92-row COCO head to Detectron2's contiguous COCO "
         "ids, 133 a 251-row panoptic head to Detectron2's COCO panoptic classes",
@@ -55,7 +66,9 @@ def main() -> None:
     loaded = safe_torch_load(args.input)
     state_dict = loaded.get("model", loaded)
     if not is_official_detr_state_dict(state_dict):
-        raise SystemExit(f"{args.input} does not look like an official DETR checkpoint (no backbone.0.body.* keys).")
+        raise SystemExit(
+            f"{args.input} does not look like an official DETR checkpoint (no backbone.0.body.* keys)."
+        )
     head = next(v for k, v in state_dict.items() if k.endswith("class_embed.weight"))
     num_classes = args.num_classes if args.num_classes is not None else head.shape[0] - 1
     class_rows = class_rows_for(num_classes) if head.shape[0] != num_classes + 1 else None
@@ -66,7 +79,10 @@ def main() -> None:
         if args.verbose or kind == "remapped":
             for line in report[kind]:
                 logger.info(f"  {line}")
-    torch.save({"model": converted, "__author__": f"detr_d2 convert_detr_checkpoint from {args.input}"}, args.output)
+    torch.save(
+        {"model": converted, "__author__": f"detr_d2 convert_detr_checkpoint from {args.input}"},
+        args.output,
+    )
     logger.info(f"wrote {args.output}: {len(converted)} tensors, {num_classes} classes")
 
 

@@ -19,12 +19,12 @@ not specialised to its size. ``--run-eval`` evaluates the exported model on DATA
 Detectron2's evaluators, through onnxruntime or TorchScript. Arguments after the options are
 config overrides (``KEY VALUE`` pairs).
 """
+
 import argparse
 import json
 import logging
 import os
 import sys
-from typing import List, Optional
 
 import torch
 from detectron2.config import CfgNode, get_cfg
@@ -40,7 +40,7 @@ from detr_d2.predictor import DetrPredictor
 logger = logging.getLogger("detr_d2.export_model")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__,
@@ -50,12 +50,23 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--format", choices=EXPORT_FORMATS, required=True)
     parser.add_argument("--output", required=True, help="folder for the model and its JSON")
     parser.add_argument("--sample-image", help="image to trace with (test-resized first)")
-    parser.add_argument("--sample-size", type=int, nargs=2, default=(480, 640), metavar=("H", "W"),
-                        help="size of the noise image traced without --sample-image")
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                        help="graph precision: fp32; bf16/fp16 for torchscript only")
-    parser.add_argument("--run-eval", action="store_true",
-                        help="evaluate the exported model on DATASETS.TEST")
+    parser.add_argument(
+        "--sample-size",
+        type=int,
+        nargs=2,
+        default=(480, 640),
+        metavar=("H", "W"),
+        help="size of the noise image traced without --sample-image",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=tuple(PRECISIONS),
+        default="fp32",
+        help="graph precision: fp32; bf16/fp16 for torchscript only",
+    )
+    parser.add_argument(
+        "--run-eval", action="store_true", help="evaluate the exported model on DATASETS.TEST"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE pairs")
     return parser.parse_args(argv)
 
@@ -73,7 +84,9 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
         if args.run_eval:
             raise
         # only the class names come from the datasets; exporting needs none of their files
-        logger.warning(f"Datasets of the config are not available ({e}); using generic class names.")
+        logger.warning(
+            f"Datasets of the config are not available ({e}); using generic class names."
+        )
     return cfg
 
 
@@ -85,13 +98,20 @@ def sample_image(predictor: DetrPredictor, args: argparse.Namespace) -> torch.Te
     return predictor.model_input(predictor.read_image(args.sample_image))["image"]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logger(name="detr_d2")
     setup_logger(name="detectron2", abbrev_name="d2")
     cfg = setup_cfg(args)
     predictor = DetrPredictor(cfg)  # the model as every tool loads it (weights, class layout)
-    export_model(predictor.model, cfg, args.format, args.output, sample_image(predictor, args), args.precision)
+    export_model(
+        predictor.model,
+        cfg,
+        args.format,
+        args.output,
+        sample_image(predictor, args),
+        args.precision,
+    )
     if args.run_eval:
         backend = "onnxruntime" if args.format == "onnx" else "torchscript"
         exported = ExportedDetr(args.output, backend, device=cfg.MODEL.DEVICE)

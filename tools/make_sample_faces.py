@@ -18,19 +18,20 @@ from __future__ import annotations
 import warnings
 
 # Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 import argparse
 import logging
 import sys
-from typing import List, Optional
 
 from detr_d2.data.samples.faces import generate_face_dataset
 
 logger = logging.getLogger("make_sample_faces")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (defaults = the dataset the CPU demo expects)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="datasets/face_sample", help="output folder")
@@ -41,7 +42,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Generate (or skip when up to date) and log a one-line summary per split."""
     logging.basicConfig(level=logging.INFO, format="[make_sample_faces] %(message)s")
     args = parse_args(argv)

@@ -26,14 +26,15 @@ the options are config overrides (``KEY VALUE`` pairs).
 import warnings
 
 # Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 import argparse
 import json
 import logging
 import os
 import sys
-from typing import Dict, List, Optional
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -44,13 +45,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from detr_d2 import add_detr_config
-from detr_d2.predictor import DetrPredictor, list_images
 from detr_d2.export import BACKENDS
+from detr_d2.predictor import DetrPredictor, list_images
 
 logger = logging.getLogger("detr_d2.predict")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__,
@@ -101,7 +102,7 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
     return cfg
 
 
-def instances_record(instances, threshold: float, names: List[str]) -> Dict:
+def instances_record(instances, threshold: float, names: list[str]) -> dict:
     keep = instances.scores >= threshold
     instances = instances[keep]
     records = []
@@ -122,7 +123,7 @@ def instances_record(instances, threshold: float, names: List[str]) -> Dict:
     return {"instances": records}, instances
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logger(name="detr_d2")
     logger.setLevel(logging.INFO)
@@ -164,7 +165,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             record.update(
                 panoptic_png=f"{stem}_panoptic.png",
                 segments_info=[
-                    dict(info, category_name=predictor.class_name(info["category_id"])) for info in segments_info
+                    dict(info, category_name=predictor.class_name(info["category_id"]))
+                    for info in segments_info
                 ],
             )
         else:

@@ -10,10 +10,13 @@
 Arguments after the options are config overrides (``KEY VALUE`` pairs). ``MODEL.DETR.NUM_CLASSES 0``
 takes the class count from the training set's categories.
 """
+
 import warnings
 
 # Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 import os
 

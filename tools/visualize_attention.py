@@ -23,39 +23,40 @@ when the last option is ``--input`` or ``--points`` (which take several values),
 import warnings
 
 # Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: files only
 
-import torch  # noqa: E402
-import tqdm  # noqa: E402
-from detectron2.config import CfgNode, get_cfg  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
+import torch
+import tqdm
+from detectron2.config import CfgNode, get_cfg
+from detectron2.utils.logger import setup_logger
 
-from detr_d2 import add_detr_config  # noqa: E402
-from detr_d2.attention_visualizer import AttentionVisualizer  # noqa: E402
-from detr_d2.predictor import DetrPredictor, list_images  # noqa: E402
+from detr_d2 import add_detr_config
+from detr_d2.attention_visualizer import AttentionVisualizer
+from detr_d2.predictor import DetrPredictor, list_images
 
 logger = logging.getLogger("detr_d2.tools.visualize_attention")
 
 
-
-def parse_point(text: str) -> Tuple[float, float]:
+def parse_point(text: str) -> tuple[float, float]:
     try:
         x, y = (float(v) for v in text.split(","))
-    except ValueError:
+    except ValueError as error:
         raise argparse.ArgumentTypeError(
             f"a point is 'x,y' in pixels of the original image, got {text!r} (config overrides "
             "after --points go after --opts)"
-        )
+        ) from error
     return x, y
 
 
@@ -129,7 +130,7 @@ def build_predictor(cfg: CfgNode, args: argparse.Namespace) -> DetrPredictor:
     return DetrPredictor(cfg, load_weights=not args.random_weights)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = get_parser()
     args = parser.parse_args(argv)
     if not args.weights and not args.random_weights:

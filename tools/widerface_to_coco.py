@@ -15,21 +15,22 @@ from __future__ import annotations
 import warnings
 
 # Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 import argparse
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 from detr_d2.data.widerface import widerface_to_coco
 
 logger = logging.getLogger("widerface_to_coco")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gt", required=True, help="wider_face_{train,val}_bbx_gt.txt")
@@ -43,7 +44,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Convert, write the json and log the counts (kept and dropped, per reason)."""
     logging.basicConfig(level=logging.INFO, format="[widerface_to_coco] %(message)s")
     args = parse_args(argv)

@@ -10,9 +10,14 @@ Import ``detr_d2`` before instantiating (this file does), so that official check
 converted on load. Values are those of ``configs/Base-DETR.yaml``; the official recipe's numbers
 are explained there and in ``detr_d2/config.py``.
 """
+
 import torch
 from detectron2.config import LazyCall as L
-from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling.backbone import BasicStem, ResNet
 from detectron2.solver import WarmupParamScheduler

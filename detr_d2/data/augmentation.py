@@ -10,7 +10,6 @@ the augmentations here restate the official rules and emit plain Detectron2 tran
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional, Union
 
 import numpy as np
 from detectron2.config import CfgNode
@@ -24,7 +23,7 @@ __all__ = [
     "build_detr_augmentation",
 ]
 
-AugOrTransform = Union[T.Augmentation, T.Transform]
+AugOrTransform = T.Augmentation | T.Transform
 
 
 class DetrResizeShortestEdge(T.Augmentation):
@@ -166,7 +165,9 @@ def build_detr_augmentation(cfg: CfgNode, is_train: bool) -> list[T.Augmentation
     :func:`detr_augmentations` (``INPUT.{MIN,MAX}_SIZE_{TRAIN,TEST}``, ``INPUT.RANDOM_FLIP``,
     ``INPUT.CROP``)."""
     if not is_train:
-        return detr_augmentations(is_train=False, min_size=[cfg.INPUT.MIN_SIZE_TEST], max_size=cfg.INPUT.MAX_SIZE_TEST)
+        return detr_augmentations(
+            is_train=False, min_size=[cfg.INPUT.MIN_SIZE_TEST], max_size=cfg.INPUT.MAX_SIZE_TEST
+        )
     crop = cfg.INPUT.CROP
     if crop.ENABLED and crop.TYPE != "absolute_range":
         # The official crop samples absolute side lengths; other types mean other things.
@@ -187,8 +188,8 @@ def detr_augmentations(
     min_size: Sequence[int],
     max_size: int,
     flip: str = "horizontal",
-    crop_pre_resize: Optional[Sequence[int]] = None,
-    crop_size: Optional[Sequence[int]] = None,
+    crop_pre_resize: Sequence[int] | None = None,
+    crop_size: Sequence[int] | None = None,
 ) -> list[T.Augmentation]:
     """The official pipeline from explicit values (for LazyConfigs too).
 

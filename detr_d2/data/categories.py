@@ -7,10 +7,11 @@ beside the real ones (``[{id 0, "faces"}, {id 1, "face"}]``); with ``NUM_CLASSES
 would be label 1. So: categories no annotation uses may be dropped (logged), and a count that
 fits neither all categories nor the used ones stops at start with what to set.
 """
+
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +23,8 @@ class CategorySummary:
     """The categories of one COCO json (``id -> name``) and how many annotations use each."""
 
     where: str  # e.g. "'faces_train' (data/train.json)"
-    names: Dict[int, str]
-    used: Dict[int, int] = field(default_factory=dict)
+    names: dict[int, str]
+    used: dict[int, int] = field(default_factory=dict)
 
     def describe(self, ids: Sequence[int]) -> str:
         shown = ", ".join(f"{i} {self.names.get(i, '?')!r}" for i in list(ids)[:8])
@@ -45,7 +46,7 @@ def read_categories(json_file: str, where: str) -> CategorySummary:
         for c in data.get("categories") or []
         if isinstance(c, dict) and isinstance(c.get("id"), int)
     }
-    used: Dict[int, int] = {}
+    used: dict[int, int] = {}
     for ann in data.get("annotations") or []:
         category = ann.get("category_id") if isinstance(ann, dict) else None
         if category in names:
@@ -53,7 +54,7 @@ def read_categories(json_file: str, where: str) -> CategorySummary:
     return CategorySummary(where, names, used)
 
 
-def choose_categories(summary: CategorySummary, num_classes: int) -> List[int]:
+def choose_categories(summary: CategorySummary, num_classes: int) -> list[int]:
     """The category ids that become classes 0..K-1 (sorted), for ``NUM_CLASSES`` = K.
 
     K == all categories: all. K == the used ones (fewer): those, the unused dropped with a log
@@ -84,7 +85,8 @@ def choose_categories(summary: CategorySummary, num_classes: int) -> List[int]:
             f"has {len(all_ids)} categories ({summary.describe(all_ids)}), of which annotations "
             f"use {len(used_ids)} ({summary.describe(used_ids)}). Labels >= NUM_CLASSES would "
             f"be trained as 'no object'. Set MODEL.DETR.NUM_CLASSES {len(all_ids)} (every "
-            f"category)" + (f", {len(used_ids)} (the used ones)" if unused else "")
+            f"category)"
+            + (f", {len(used_ids)} (the used ones)" if unused else "")
             + " or 0 (taken from the training set)."
         )
     dropped = [i for i in all_ids if i not in chosen]
@@ -97,7 +99,10 @@ def choose_categories(summary: CategorySummary, num_classes: int) -> List[int]:
 
 
 def check_labels_fit(
-    dataset_dicts: Sequence[Dict], num_classes: int, dataset_names: str, names: Optional[Sequence[str]] = None
+    dataset_dicts: Sequence[dict],
+    num_classes: int,
+    dataset_names: str,
+    names: Sequence[str] | None = None,
 ) -> None:
     """Fail before training when any annotation's contiguous label is outside 0..K-1 (it would
     reach the matcher and the losses as the "no object" class or beyond)."""

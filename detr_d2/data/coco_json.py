@@ -8,10 +8,11 @@ annotations whose ``image_id`` has no image, polygons with fewer than 3 points. 
 a dataset without any annotation (valid for negatives), boxes reaching outside their image
 (the mapper clips them).
 """
+
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 from detectron2.data import MetadataCatalog
 from detectron2.structures import BoxMode
@@ -19,30 +20,38 @@ from detectron2.structures import BoxMode
 logger = logging.getLogger(__name__)
 
 
-def _read_json(json_file: str) -> Dict:
+def _read_json(json_file: str) -> dict:
     try:
         with open(json_file) as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{json_file}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
+        raise ValueError(
+            f"{json_file}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})."
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{json_file}: cannot be read ({e}).") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{json_file}: expected a COCO json object with 'images', 'annotations' and 'categories'.")
+        raise ValueError(
+            f"{json_file}: expected a COCO json object with 'images', 'annotations' and 'categories'."
+        )
     for field in ("images", "categories"):
         if not isinstance(data.get(field), list):
-            raise ValueError(f"{json_file}: missing or invalid '{field}' list (required in COCO format).")
+            raise ValueError(
+                f"{json_file}: missing or invalid '{field}' list (required in COCO format)."
+            )
     return data
 
 
-def _require(entry: Dict, fields: Tuple[str, ...], what: str, json_file: str) -> None:
+def _require(entry: dict, fields: tuple[str, ...], what: str, json_file: str) -> None:
     missing = [f for f in fields if f not in entry]
     if missing:
         ident = f" id {entry['id']}" if "id" in entry else ""
-        raise ValueError(f"{json_file}: {what}{ident} has no {', '.join(repr(m) for m in missing)} field.")
+        raise ValueError(
+            f"{json_file}: {what}{ident} has no {', '.join(repr(m) for m in missing)} field."
+        )
 
 
-def _segmentation(ann: Dict, json_file: str, counts: Dict[str, int]) -> Optional[object]:
+def _segmentation(ann: dict, json_file: str, counts: dict[str, int]) -> object | None:
     """Polygons with at least 3 points (others dropped and counted), or an RLE dict."""
     segm = ann.get("segmentation")
     if segm is None or isinstance(segm, dict):
@@ -60,8 +69,8 @@ def _check_number(value, what: str, json_file: str) -> None:
 
 
 def load_coco_detection_json(
-    json_file: str, image_root: str, dataset_name: str, category_ids: Optional[Sequence[int]] = None
-) -> List[Dict]:
+    json_file: str, image_root: str, dataset_name: str, category_ids: Sequence[int] | None = None
+) -> list[dict]:
     """COCO-format json -> Detectron2 dataset dicts (boxes ``XYWH_ABS``, contiguous category ids),
     and the dataset's ``thing_classes`` / ``thing_dataset_id_to_contiguous_id`` metadata.
 
@@ -82,7 +91,7 @@ def load_coco_detection_json(
     images = data["images"]
     if not images:
         raise ValueError(f"{json_file}: the dataset {dataset_name!r} has no images.")
-    records: Dict[object, Dict] = {}
+    records: dict[object, dict] = {}
     for image in images:
         _require(image, ("id", "file_name"), "image", json_file)
         if image["id"] in records:
@@ -128,14 +137,24 @@ def load_coco_detection_json(
                 f"{ann['category_id']}, which is not in 'categories' (ids {all_ids[:10]}{'...' if len(all_ids) > 10 else ''})."
             )
         bbox = ann["bbox"]
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise ValueError(f"{json_file}: annotation id {ann['id']} has bbox {bbox!r}; expected [x, y, width, height].")
+        if not (
+            isinstance(bbox, list)
+            and len(bbox) == 4
+            and all(isinstance(v, (int, float)) for v in bbox)
+        ):
+            raise ValueError(
+                f"{json_file}: annotation id {ann['id']} has bbox {bbox!r}; expected [x, y, width, height]."
+            )
         record = records.get(ann["image_id"])
         if record is None:
             counts["orphans"] += 1
             continue
         x, y, w, h = bbox
-        if record["width"] and record["height"] and (x < 0 or y < 0 or x + w > record["width"] or y + h > record["height"]):
+        if (
+            record["width"]
+            and record["height"]
+            and (x < 0 or y < 0 or x + w > record["width"] or y + h > record["height"])
+        ):
             counts["outside"] += 1
         obj = {
             "bbox": bbox,
@@ -151,14 +170,24 @@ def load_coco_detection_json(
         counts["annotations"] += 1
 
     if counts["orphans"]:
-        logger.warning(f"{json_file}: skipped {counts['orphans']} annotation(s) whose image_id is not in 'images'.")
+        logger.warning(
+            f"{json_file}: skipped {counts['orphans']} annotation(s) whose image_id is not in 'images'."
+        )
     if counts["invalid_polygons"]:
-        logger.warning(f"{json_file}: dropped {counts['invalid_polygons']} polygon(s) with fewer than 3 points.")
+        logger.warning(
+            f"{json_file}: dropped {counts['invalid_polygons']} polygon(s) with fewer than 3 points."
+        )
     if counts["outside"]:
-        logger.warning(f"{json_file}: {counts['outside']} box(es) reach outside their image; they are clipped to it.")
+        logger.warning(
+            f"{json_file}: {counts['outside']} box(es) reach outside their image; they are clipped to it."
+        )
     if counts["annotations"] == 0:
-        logger.warning(f"{json_file}: the dataset {dataset_name!r} has no annotations at all (fine for negatives only).")
-    logger.info(f"Loaded {len(records)} images and {counts['annotations']} annotations from {json_file}")
+        logger.warning(
+            f"{json_file}: the dataset {dataset_name!r} has no annotations at all (fine for negatives only)."
+        )
+    logger.info(
+        f"Loaded {len(records)} images and {counts['annotations']} annotations from {json_file}"
+    )
 
     MetadataCatalog.get(dataset_name).set(
         thing_classes=[names[i] for i in cat_ids],

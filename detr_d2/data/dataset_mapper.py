@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
 from detectron2.config import CfgNode, configurable
-from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
+from detectron2.data import detection_utils as utils, transforms as T
 from detectron2.structures import BitMasks, Instances, polygons_to_bitmask
 
 from .augmentation import build_detr_augmentation
@@ -56,7 +55,7 @@ class DetrDatasetMapper:
         self,
         is_train: bool = True,
         *,
-        augmentations: list[Union[T.Augmentation, T.Transform]],
+        augmentations: list[T.Augmentation | T.Transform],
         image_format: str,
         mask_on: bool = False,
     ):
@@ -86,7 +85,9 @@ class DetrDatasetMapper:
     def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any]:
         """Map one dataset dict (Detectron2 format) to one model input dict."""
         dataset_dict = copy.deepcopy(dataset_dict)  # modified below; the dataset keeps its own
-        image = read_image_checked(dataset_dict["file_name"], self.image_format, dataset_dict.get("image_id"))
+        image = read_image_checked(
+            dataset_dict["file_name"], self.image_format, dataset_dict.get("image_id")
+        )
         utils.check_image_size(dataset_dict, image)
 
         original_shape = image.shape[:2]
@@ -118,7 +119,9 @@ class DetrDatasetMapper:
         # decoding, so that no interpolation ever mixes two segment ids.
         file_name = dataset_dict.pop("pan_seg_file_name")
         pan_rgb = read_image_checked(file_name, "RGB", dataset_dict.get("image_id"))
-        check_panoptic_ids(rgb2id(pan_rgb), dataset_dict["segments_info"], file_name, dataset_dict.get("image_id"))
+        check_panoptic_ids(
+            rgb2id(pan_rgb), dataset_dict["segments_info"], file_name, dataset_dict.get("image_id")
+        )
         segment_ids = rgb2id(transforms.apply_segmentation(pan_rgb))
         return panoptic_to_instances(segment_ids, dataset_dict.pop("segments_info"), self.mask_on)
 

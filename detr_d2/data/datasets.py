@@ -1,22 +1,27 @@
 """Datasets named in the config, and the checks DETR's training data gets before use."""
+
 import functools
 import logging
-from typing import Dict, List, Optional
 
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from ..layout import (
+    OFFICIAL_DETECTION_ROWS,
+    OFFICIAL_PANOPTIC_ROWS,
+    layout_from_cfg,
+    official_class_rows,
+)
 from .categories import choose_categories, read_categories
 from .coco_json import load_coco_detection_json
-from .registration import needs_registration
-from ..layout import OFFICIAL_DETECTION_ROWS, OFFICIAL_PANOPTIC_ROWS, layout_from_cfg, official_class_rows
 from .panoptic import register_coco_panoptic_from_cfg
+from .registration import needs_registration
 
 logger = logging.getLogger(__name__)
 
 
-def register_datasets_from_cfg(cfg: CfgNode) -> List[str]:
+def register_datasets_from_cfg(cfg: CfgNode) -> list[str]:
     """Register every ``[name, json_file, image_root]`` of ``DATASETS.REGISTER_COCO`` (and the
     panoptic datasets of ``DATASETS.REGISTER_COCO_PANOPTIC``, see
     :func:`~detr_d2.data.panoptic.register_coco_panoptic_from_cfg`).
@@ -32,12 +37,20 @@ def register_datasets_from_cfg(cfg: CfgNode) -> List[str]:
     pending = []
     for i, entry in enumerate(cfg.DATASETS.REGISTER_COCO):
         key = f"DATASETS.REGISTER_COCO[{i}]"
-        if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and all(isinstance(x, str) for x in entry)):
-            raise ValueError(f"{key} must be [name, json_file, image_root] (three strings), got {entry!r}.")
+        if not (
+            isinstance(entry, (list, tuple))
+            and len(entry) == 3
+            and all(isinstance(x, str) for x in entry)
+        ):
+            raise ValueError(
+                f"{key} must be [name, json_file, image_root] (three strings), got {entry!r}."
+            )
         name, json_file, image_root = entry
         files = [("annotation file", json_file, "file"), ("image folder", image_root, "folder")]
         if needs_registration(key, name, files, {"json_file": json_file, "image_root": image_root}):
-            pending.append((name, json_file, image_root, read_categories(json_file, f"{name!r} ({json_file})")))
+            pending.append(
+                (name, json_file, image_root, read_categories(json_file, f"{name!r} ({json_file})"))
+            )
     num_classes = cfg.MODEL.DETR.NUM_CLASSES
     train = [p for p in pending if p[0] in cfg.DATASETS.TRAIN]
     chosen = choose_categories(train[0][3], num_classes) if train else None
@@ -47,7 +60,10 @@ def register_datasets_from_cfg(cfg: CfgNode) -> List[str]:
         else:
             ids = chosen
         DatasetCatalog.register(
-            name, functools.partial(load_coco_detection_json, json_file, image_root, name, category_ids=ids)
+            name,
+            functools.partial(
+                load_coco_detection_json, json_file, image_root, name, category_ids=ids
+            ),
         )
         MetadataCatalog.get(name).set(
             json_file=json_file,
@@ -61,7 +77,7 @@ def register_datasets_from_cfg(cfg: CfgNode) -> List[str]:
     return names
 
 
-def drop_degenerate_boxes(dataset_dicts: List[Dict], dataset_name: str = "") -> List[Dict]:
+def drop_degenerate_boxes(dataset_dicts: list[dict], dataset_name: str = "") -> list[dict]:
     """Remove annotations whose box has zero or negative width or height, and log how many.
 
     Such boxes have no valid normalized cxcywh form for the L1/GIoU losses. Images stay, even if
@@ -90,9 +106,11 @@ def drop_degenerate_boxes(dataset_dicts: List[Dict], dataset_name: str = "") -> 
     return dataset_dicts
 
 
-def coco_class_rows(cfg: CfgNode) -> Optional[List[int]]:
+def coco_class_rows(cfg: CfgNode) -> list[int] | None:
     """COCO category id of each class, when the model has Detectron2's 80 COCO classes (rows of
     an official 92-row head) or its 133 COCO panoptic classes (rows of a 251-row head); ``None``
     for other class counts."""
-    rows = {80: OFFICIAL_DETECTION_ROWS, 133: OFFICIAL_PANOPTIC_ROWS}.get(cfg.MODEL.DETR.NUM_CLASSES)
+    rows = {80: OFFICIAL_DETECTION_ROWS, 133: OFFICIAL_PANOPTIC_ROWS}.get(
+        cfg.MODEL.DETR.NUM_CLASSES
+    )
     return official_class_rows(layout_from_cfg(cfg), rows) if rows else None

@@ -12,7 +12,8 @@ Official panoptic checkpoints index their 251-row class head by COCO panoptic ca
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,14 +47,14 @@ def rgb2id(color: np.ndarray) -> np.ndarray:
     return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
 
 
-def thing_ids_from_cfg(cfg: CfgNode) -> Optional[List[int]]:
+def thing_ids_from_cfg(cfg: CfgNode) -> list[int] | None:
     """The model's classes that are things, or None when every class is a thing (from the
     model's class layout, :func:`detr_d2.layout.layout_from_cfg`)."""
     layout = layout_from_cfg(cfg)
     return None if layout.all_things else list(layout.thing_ids)
 
 
-def panoptic_metadata(categories: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+def panoptic_metadata(categories: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Detectron2 metadata of a COCO panoptic ``categories`` list in the standard layout: things
     first, then stuff, each in the json's order, so that one contiguous id indexes both
     ``thing_classes`` (the things only, as ``COCOEvaluator`` expects) and ``stuff_classes``
@@ -82,8 +83,8 @@ def panoptic_metadata(categories: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def load_coco_panoptic(
-    panoptic_json: str, image_root: str, panoptic_root: str, meta: Dict[str, Any]
-) -> List[Dict]:
+    panoptic_json: str, image_root: str, panoptic_root: str, meta: dict[str, Any]
+) -> list[dict]:
     """Dataset dicts of a COCO panoptic json: ``file_name`` (from the json's ``images``, so any
     image extension works), ``image_id``, ``height``, ``width``, ``pan_seg_file_name`` and
     ``segments_info`` with contiguous ``category_id`` and ``isthing``."""
@@ -122,7 +123,7 @@ def load_coco_panoptic(
     return records
 
 
-def register_coco_panoptic_from_cfg(cfg: CfgNode) -> List[str]:
+def register_coco_panoptic_from_cfg(cfg: CfgNode) -> list[str]:
     """Register every ``[name, image_root, panoptic_root, panoptic_json(, instances_json)]`` of
     ``DATASETS.REGISTER_COCO_PANOPTIC`` (metadata as Detectron2's ``register_coco_panoptic``,
     evaluator type "coco_panoptic_seg"). Missing files fail here with the key and the path;
@@ -176,7 +177,7 @@ def register_coco_panoptic_from_cfg(cfg: CfgNode) -> List[str]:
 
 
 def check_panoptic_ids(
-    segment_ids: np.ndarray, segments_info: Sequence[Dict[str, Any]], file_name: str, image_id: Any
+    segment_ids: np.ndarray, segments_info: Sequence[dict[str, Any]], file_name: str, image_id: Any
 ) -> None:
     """Fail, naming the PNG and the image id, when the PNG's segment ids (0 = void) and the
     ``segments_info`` ids differ: a segment listed but absent would silently lose its target,
@@ -192,7 +193,7 @@ def check_panoptic_ids(
 
 
 def panoptic_to_instances(
-    segment_ids: np.ndarray, segments_info: Sequence[Dict[str, Any]], with_masks: bool
+    segment_ids: np.ndarray, segments_info: Sequence[dict[str, Any]], with_masks: bool
 ) -> Instances:
     """Training targets of one (augmented) panoptic image: one instance per non-crowd segment
     still present, with ``gt_classes``, ``gt_boxes`` (XYXY pixels) and, with ``with_masks``,

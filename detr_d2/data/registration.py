@@ -1,6 +1,7 @@
 """The checks every dataset registration from the config shares."""
+
 import os
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -8,7 +9,7 @@ _EXISTS = {"file": os.path.isfile, "folder": os.path.isdir}
 
 
 def needs_registration(
-    key: str, name: str, paths: Sequence[Tuple[str, Optional[str], str]], identity: Dict[str, str]
+    key: str, name: str, paths: Sequence[tuple[str, str | None, str]], identity: dict[str, str]
 ) -> bool:
     """Check that every ``(what, path, "file"|"folder")`` exists (``None`` paths are skipped),
     naming the config ``key`` and the path otherwise. Returns False when ``name`` is already

@@ -4,10 +4,11 @@
 Detectron2's ``TrainingSampler`` restarts its stream on resume and augmentations draw from each
 worker's global NumPy state, so a resumed run repeats early samples with new augmentations.
 """
+
 import itertools
 import logging
 import random
-from typing import Callable, Dict, Iterator, List, Tuple
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -29,18 +30,20 @@ class ResumableTrainingSampler(Sampler):
 
     def __init__(self, size: int, seed: int, start: int = 0):
         if size <= 0:
-            raise ValueError("The training set is empty: check DATASETS.TRAIN and its annotation files.")
+            raise ValueError(
+                "The training set is empty: check DATASETS.TRAIN and its annotation files."
+            )
         self.size = size
         self.seed = int(seed)
         self.start = start
         self.rank = comm.get_rank()
         self.world_size = comm.get_world_size()
 
-    def _epoch_order(self, epoch: int) -> List[int]:
+    def _epoch_order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.size, generator=generator).tolist()
 
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, offset = divmod(self.start, self.size)
         position = self.start
         for e in itertools.count(epoch):
@@ -61,21 +64,23 @@ class SeededMapDataset(Dataset):
     """Map ``(sample_seed, index)`` to ``mapper(dataset[index])`` with NumPy's and Python's global
     random state seeded by ``sample_seed`` (Detectron2's augmentations draw from them)."""
 
-    def __init__(self, dataset: List[Dict], mapper: Callable[[Dict], Dict]):
-        self.dataset = DatasetFromList(dataset, copy=False)  # serialized: cheap to share with workers
+    def __init__(self, dataset: list[dict], mapper: Callable[[dict], dict]):
+        self.dataset = DatasetFromList(
+            dataset, copy=False
+        )  # serialized: cheap to share with workers
         self.mapper = mapper
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, seed_and_index: Tuple[int, int]) -> Dict:
+    def __getitem__(self, seed_and_index: tuple[int, int]) -> dict:
         seed, index = seed_and_index
         np.random.seed(seed)
         random.seed(seed)
         return self.mapper(self.dataset[index])
 
 
-def rng_state() -> Dict:
+def rng_state() -> dict:
     """Global RNG states of this process (torch, CUDA, NumPy, Python) in checkpoint-safe types
     (tensors, lists, ints), for dropout and anything else drawn in the training process."""
     np_state = np.random.get_state()
@@ -89,7 +94,7 @@ def rng_state() -> Dict:
     return state
 
 
-def set_rng_state(state: Dict) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy(), *rest))

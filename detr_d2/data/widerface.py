@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -35,7 +36,7 @@ FIELD_NAMES = (
 ATTRIBUTE_NAMES = FIELD_NAMES[4:]
 CATEGORIES = [{"id": 1, "name": "face", "supercategory": "person"}]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class _Lines:
@@ -53,11 +54,11 @@ class _Lines:
     def __bool__(self) -> bool:
         return self._pos < len(self._lines)
 
-    def peek(self) -> Optional[Tuple[int, str]]:
+    def peek(self) -> tuple[int, str] | None:
         """The next line without consuming it (None at the end)."""
         return self._lines[self._pos] if self else None
 
-    def next(self, what: str) -> Tuple[int, str]:
+    def next(self, what: str) -> tuple[int, str]:
         """Consume the next line; a missing one means the last block is truncated."""
         if not self:
             raise self.error(self.last_number + 1, f"unexpected end of file, expected {what}")
@@ -71,7 +72,7 @@ class _Lines:
         return ValueError(f"{self.path}:{number}: {message}")
 
 
-def _ints(text: str) -> Optional[List[int]]:
+def _ints(text: str) -> list[int] | None:
     """The whitespace-separated integers of a line, or None if any field is not an integer."""
     try:
         return [int(token) for token in text.split()]
@@ -79,7 +80,7 @@ def _ints(text: str) -> Optional[List[int]]:
         return None
 
 
-def _face_fields(lines: _Lines, number: int, text: str) -> Dict[str, int]:
+def _face_fields(lines: _Lines, number: int, text: str) -> dict[str, int]:
     """Parse one face line into its ten named integer fields."""
     values = _ints(text)
     if values is None:
@@ -91,7 +92,7 @@ def _face_fields(lines: _Lines, number: int, text: str) -> Dict[str, int]:
     return dict(zip(FIELD_NAMES, values))
 
 
-def _iter_blocks(lines: _Lines) -> Iterator[Dict[str, Any]]:
+def _iter_blocks(lines: _Lines) -> Iterator[dict[str, Any]]:
     """Yield one dict per image block (see :func:`parse_widerface_gt`)."""
     while lines:
         number, file_name = lines.next("an image path")
@@ -116,7 +117,7 @@ def _iter_blocks(lines: _Lines) -> Iterator[Dict[str, Any]]:
         yield {"file_name": file_name, "line": number, "faces": faces}
 
 
-def parse_widerface_gt(path: PathLike) -> List[Dict[str, Any]]:
+def parse_widerface_gt(path: PathLike) -> list[dict[str, Any]]:
     """Parse a WIDER FACE gt file into ``[{"file_name", "line", "faces": [...]}, ...]``.
 
     Each face is a dict of the ten integer fields (``x1 y1 w h blur expression illumination
@@ -126,7 +127,7 @@ def parse_widerface_gt(path: PathLike) -> List[Dict[str, Any]]:
     return list(_iter_blocks(_Lines(path)))
 
 
-def _image_size(path: Path) -> Tuple[int, int]:
+def _image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the image header only; errors name the file."""
     try:
         with Image.open(path) as image:
@@ -139,7 +140,7 @@ def _image_size(path: Path) -> Tuple[int, int]:
 
 def widerface_to_coco(
     gt_path: PathLike, image_root: PathLike, skip_missing: bool = False
-) -> Tuple[Dict[str, Any], Dict[str, int]]:
+) -> tuple[dict[str, Any], dict[str, int]]:
     """Convert a WIDER FACE gt file to a COCO dict (one category, ``face``) and counts.
 
     Image sizes come from the files under ``image_root``; a missing or unreadable image raises
@@ -159,8 +160,8 @@ def widerface_to_coco(
         "faces_dropped_nonpositive_size": 0,
         "faces_dropped_outside_image": 0,
     }
-    images: List[Dict[str, Any]] = []
-    annotations: List[Dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for block in blocks:
         try:
             width, height = _image_size(image_root / block["file_name"])

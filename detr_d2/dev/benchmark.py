@@ -7,6 +7,7 @@ record also says where it was measured (device, threads, precision, versions), b
 without its machine is meaningless. ``tools/benchmark.py`` is the command line;
 ``docs/benchmarks.md`` holds measured tables.
 """
+
 import contextlib
 import io
 import itertools
@@ -17,7 +18,7 @@ import resource
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
 
 import detectron2
 import numpy as np
@@ -45,7 +46,7 @@ def _synchronize(device: torch.device) -> None:
 
 def time_calls(
     fn: Callable[[], object], warmup: int, iters: int, device: torch.device, desc: str
-) -> List[float]:
+) -> list[float]:
     """Seconds of each of ``iters`` calls of ``fn`` after ``warmup`` calls (the first calls pay
     for allocator growth, oneDNN/cuDNN kernel selection, lazy initialisation and compilation;
     their total is kept in ``time_calls.last_warmup_seconds``)."""
@@ -63,7 +64,7 @@ def time_calls(
     return times
 
 
-def summarize_times(times: List[float], items_per_call: int, unit: str) -> Dict:
+def summarize_times(times: list[float], items_per_call: int, unit: str) -> dict:
     """Median, quartiles and extremes of per-call seconds; throughput from the median."""
     p25, p75 = np.percentile(times, [25, 75])
     median = statistics.median(times)
@@ -85,7 +86,7 @@ def _current_rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def memory_record(device: torch.device) -> Dict:
+def memory_record(device: torch.device) -> dict:
     """Peak resident memory of this process (CPU) or peak allocated tensor memory (GPU)."""
     if device.type == "cuda":
         return {"peak_gpu_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20}
@@ -106,7 +107,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> Optional[str]:
+def _git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -120,7 +121,7 @@ def _git_commit() -> Optional[str]:
         return None
 
 
-def environment_record(cfg: CfgNode) -> Dict:
+def environment_record(cfg: CfgNode) -> dict:
     """Where and how the numbers were measured."""
     device = torch.device(cfg.MODEL.DEVICE)
     return {
@@ -143,21 +144,27 @@ def environment_record(cfg: CfgNode) -> Dict:
 # ------------------------------------------------------------------------------ inputs
 def synthetic_batch(
     batch_size: int, height: int, width: int, num_classes: int, seed: int, with_targets: bool
-) -> List[Dict]:
+) -> list[dict]:
     """Detectron2 inputs of a fixed size: noise images (DETR's cost does not depend on pixel
     values) and, for training, 1-6 random boxes per image."""
     generator = torch.Generator().manual_seed(seed)
     batch = []
     for _ in range(batch_size):
         item = {
-            "image": torch.randint(0, 256, (3, height, width), generator=generator, dtype=torch.uint8),
+            "image": torch.randint(
+                0, 256, (3, height, width), generator=generator, dtype=torch.uint8
+            ),
             "height": height,
             "width": width,
         }
         if with_targets:
             count = int(torch.randint(1, 7, (1,), generator=generator))
-            xy = torch.rand(count, 2, generator=generator) * torch.tensor([width * 0.7, height * 0.7])
-            wh = (0.05 + 0.25 * torch.rand(count, 2, generator=generator)) * torch.tensor([width, height])
+            xy = torch.rand(count, 2, generator=generator) * torch.tensor(
+                [width * 0.7, height * 0.7]
+            )
+            wh = (0.05 + 0.25 * torch.rand(count, 2, generator=generator)) * torch.tensor(
+                [width, height]
+            )
             instances = Instances((height, width))
             instances.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
             instances.gt_classes = torch.randint(0, num_classes, (count,), generator=generator)
@@ -166,9 +173,13 @@ def synthetic_batch(
     return batch
 
 
-def dataset_dicts(cfg: CfgNode, is_train: bool) -> List[Dict]:
+def dataset_dicts(cfg: CfgNode, is_train: bool) -> list[dict]:
     """The dataset dicts of ``DATASETS.TRAIN`` (as training sees them) or ``DATASETS.TEST[0]``."""
-    names, key = (cfg.DATASETS.TRAIN, "DATASETS.TRAIN") if is_train else (cfg.DATASETS.TEST[:1], "DATASETS.TEST")
+    names, key = (
+        (cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+        if is_train
+        else (cfg.DATASETS.TEST[:1], "DATASETS.TEST")
+    )
     missing = [n for n in names if n not in DatasetCatalog.list()]
     if not names or missing:
         raise ValueError(
@@ -180,7 +191,7 @@ def dataset_dicts(cfg: CfgNode, is_train: bool) -> List[Dict]:
     return drop_degenerate_boxes(dicts, ", ".join(names)) if is_train else dicts
 
 
-def dataset_batches(cfg: CfgNode, is_train: bool, batch_size: int, count: int) -> List[List[Dict]]:
+def dataset_batches(cfg: CfgNode, is_train: bool, batch_size: int, count: int) -> list[list[dict]]:
     """``count`` batches of mapped images of the config's train (augmented) or test datasets."""
     dicts = dataset_dicts(cfg, is_train)
     mapper = DetrDatasetMapper(cfg, is_train=is_train)
@@ -189,7 +200,9 @@ def dataset_batches(cfg: CfgNode, is_train: bool, batch_size: int, count: int) -
 
 
 # ------------------------------------------------------------------------------ tasks
-def benchmark_inference(cfg: CfgNode, model: torch.nn.Module, batches: List[List[Dict]], warmup: int, iters: int) -> Dict:
+def benchmark_inference(
+    cfg: CfgNode, model: torch.nn.Module, batches: list[list[dict]], warmup: int, iters: int
+) -> dict:
     """Images per second through ``model`` in eval mode, post-processing included."""
     model.eval()
     device = torch.device(cfg.MODEL.DEVICE)
@@ -203,7 +216,9 @@ def benchmark_inference(cfg: CfgNode, model: torch.nn.Module, batches: List[List
     return summarize_times(times, len(batches[0]), "images")
 
 
-def benchmark_train(cfg: CfgNode, model: torch.nn.Module, batches: List[List[Dict]], warmup: int, iters: int) -> Dict:
+def benchmark_train(
+    cfg: CfgNode, model: torch.nn.Module, batches: list[list[dict]], warmup: int, iters: int
+) -> dict:
     """Seconds per training iteration through the trainer's own ``run_step`` (forward, matching,
     losses, backward, clipping, optimizer step), on pre-loaded batches: data loading is timed
     separately by the ``data`` task."""
@@ -219,13 +234,15 @@ def benchmark_train(cfg: CfgNode, model: torch.nn.Module, batches: List[List[Dic
             storage.iter += 1
 
         times = time_calls(run, warmup, iters, device, "train step")
-        losses = storage.history("total_loss").values() if "total_loss" in storage.histories() else []
+        losses = (
+            storage.history("total_loss").values() if "total_loss" in storage.histories() else []
+        )
     record = summarize_times(times, len(batches[0]), "images")
     record["total_loss_first_last"] = [losses[0][0], losses[-1][0]] if losses else None
     return record
 
 
-def benchmark_data(cfg: CfgNode, warmup: int, iters: int, loader_batches: int) -> Dict:
+def benchmark_data(cfg: CfgNode, warmup: int, iters: int, loader_batches: int) -> dict:
     """Training images per second of the dataset mapper in one process (= one loader worker),
     and of Detectron2's loader with ``DATALOADER.NUM_WORKERS`` workers."""
     dicts = dataset_dicts(cfg, is_train=True)
@@ -248,7 +265,9 @@ def benchmark_data(cfg: CfgNode, warmup: int, iters: int, loader_batches: int) -
     return record
 
 
-def benchmark_eval(cfg: CfgNode, model: torch.nn.Module, warmup: int, iters: int, output_dir: str) -> Dict:
+def benchmark_eval(
+    cfg: CfgNode, model: torch.nn.Module, warmup: int, iters: int, output_dir: str
+) -> dict:
     """Seconds of one evaluation of ``DATASETS.TEST[0]`` (``process`` of every image +
     ``evaluate``) on predictions computed once beforehand: the evaluator's own cost."""
     dicts = dataset_dicts(cfg, is_train=False)
@@ -272,7 +291,9 @@ def benchmark_eval(cfg: CfgNode, model: torch.nn.Module, warmup: int, iters: int
     times = time_calls(run, warmup, iters, torch.device("cpu"), "evaluation")
     record = summarize_times(times, len(pairs), "images")
     record["images"] = len(pairs)
-    record["results"] = {task: {k: v for k, v in m.items() if "-" not in k} for task, m in results.items()}
+    record["results"] = {
+        task: {k: v for k, v in m.items() if "-" not in k} for task, m in results.items()
+    }
     return record
 
 
@@ -282,13 +303,13 @@ def run_benchmark(
     *,
     build_model: Callable[[CfgNode], torch.nn.Module],
     input_source: str = "synthetic",
-    batch_size: Optional[int] = None,
-    image_size: Optional[Tuple[int, int]] = None,
+    batch_size: int | None = None,
+    image_size: tuple[int, int] | None = None,
     warmup: int = 2,
     iters: int = 10,
     loader_batches: int = 20,
     output_dir: str = "output/benchmark",
-) -> Dict:
+) -> dict:
     """One benchmark record (a JSON-able dict) of ``task`` for the model and data of ``cfg``."""
     if task not in TASKS:
         raise ValueError(f"Unknown benchmark task {task!r}; choose from {TASKS}.")
@@ -314,7 +335,9 @@ def run_benchmark(
         if image_size is None:
             image_size = (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
         batches = [
-            synthetic_batch(batch_size, *image_size, cfg.MODEL.DETR.NUM_CLASSES, seed=i, with_targets=is_train)
+            synthetic_batch(
+                batch_size, *image_size, cfg.MODEL.DETR.NUM_CLASSES, seed=i, with_targets=is_train
+            )
             for i in range(4)
         ]
     elif input_source == "dataset":
@@ -325,7 +348,10 @@ def run_benchmark(
     record.update(
         batch_size=batch_size,
         image_size=list(image_size) if image_size else None,
-        mean_image_hw=[float(np.mean([s[0] for s in sizes])), float(np.mean([s[1] for s in sizes]))],
+        mean_image_hw=[
+            float(np.mean([s[0] for s in sizes])),
+            float(np.mean([s[1] for s in sizes])),
+        ],
     )
     model = build_model(cfg)
     if not is_train:
@@ -336,7 +362,7 @@ def run_benchmark(
     return record
 
 
-def markdown_table(records: List[Dict]) -> str:
+def markdown_table(records: list[dict]) -> str:
     """Benchmark records side by side (one row each), as in docs/benchmarks.md."""
     header = (
         "| record | task | input (batch x HxW) | precision | fold BN | channels-last | threads "
@@ -346,11 +372,17 @@ def markdown_table(records: List[Dict]) -> str:
     for r in records:
         if r["task"] == "data":
             mapper, loader = r["mapper_one_worker"], r["loader"]
-            median, quartiles = mapper["seconds_median"], f"{mapper['seconds_p25']:.4f}-{mapper['seconds_p75']:.4f}"
+            median, quartiles = (
+                mapper["seconds_median"],
+                f"{mapper['seconds_p25']:.4f}-{mapper['seconds_p75']:.4f}",
+            )
             rate = f"{mapper['images_per_second']:.1f} (1 worker); {loader['images_per_second']:.1f} (loader, {loader['num_workers']} workers)"
             shape = "train mapper"
         else:
-            median, quartiles = r["seconds_median"], f"{r['seconds_p25']:.3f}-{r['seconds_p75']:.3f}"
+            median, quartiles = (
+                r["seconds_median"],
+                f"{r['seconds_p25']:.3f}-{r['seconds_p75']:.3f}",
+            )
             rate = f"{r['images_per_second']:.2f}"
             if r["task"] == "eval":
                 shape = f"{r['images']} images ({r.get('coco_eval_backend', 'pycocotools')})"
@@ -358,7 +390,9 @@ def markdown_table(records: List[Dict]) -> str:
                 h, w = r["mean_image_hw"]
                 shape = f"{r['batch_size']} x {h:.0f}x{w:.0f} ({r['input']})"
         precision = r["train_precision"] if r["task"] == "train" else r["test_precision"]
-        fold = "-" if r["task"] in ("train", "data") else ("yes" if r.get("fold_batchnorm") else "no")
+        fold = (
+            "-" if r["task"] in ("train", "data") else ("yes" if r.get("fold_batchnorm") else "no")
+        )
         memory = r.get("peak_rss_mib", r.get("peak_gpu_allocated_mib", float("nan")))
         rows.append(
             f"| {r.get('label') or '-'} | {r['task']} | {shape} | {precision} | "

@@ -16,14 +16,15 @@ Detectron2's ``metrics.json`` in ``OUT/variant/seed_S``. Wall-clock axes use the
 iteration of each variant measured alone (``measure_speed``: the benchmark tool's train task on
 the variant's config), so curves do not depend on what else ran at the same time.
 """
+
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 
 
-def load_spec(path: str) -> Dict:
+def load_spec(path: str) -> dict:
     with open(path) as f:
         spec = json.load(f)
     missing = [k for k in ("config", "variants", "seeds", "eval_sets") if k not in spec]
@@ -46,7 +47,7 @@ def run_dir(out_dir: str, variant: str, seed: int) -> Path:
     return Path(out_dir) / variant / f"seed_{seed}"
 
 
-def train_command(spec: Dict, variant: str, seed: int, out_dir: str) -> List[str]:
+def train_command(spec: dict, variant: str, seed: int, out_dir: str) -> list[str]:
     """The ``tools/train_net.py`` command line of one run."""
     if variant not in spec["variants"]:
         raise KeyError(f"Unknown variant {variant!r}; the spec has {sorted(spec['variants'])}.")
@@ -69,10 +70,10 @@ def _finished(path: Path) -> bool:
 
 
 def run_experiment(
-    spec: Dict,
+    spec: dict,
     out_dir: str,
-    variants: Optional[Sequence[str]] = None,
-    seeds: Optional[Sequence[int]] = None,
+    variants: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
     parallel: int = 2,
     threads: int = 1,
 ) -> None:
@@ -84,7 +85,7 @@ def run_experiment(
         if not _finished(run_dir(out_dir, v, s))
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    running: List = []
+    running: list = []
     progress = tqdm(total=len(todo), desc="runs", disable=None)
     while todo or running:
         while todo and len(running) < parallel:
@@ -94,7 +95,14 @@ def run_experiment(
             log = open(path / "train.log", "w")
             command = train_command(spec, variant, seed, out_dir)
             logger.info(f"Starting {variant} seed {seed}: {' '.join(command[1:])}")
-            running.append((variant, seed, subprocess.Popen(command, env=env, stdout=log, stderr=log, cwd=REPO), log))
+            running.append(
+                (
+                    variant,
+                    seed,
+                    subprocess.Popen(command, env=env, stdout=log, stderr=log, cwd=REPO),
+                    log,
+                )
+            )
         time.sleep(2)
         for item in list(running):
             variant, seed, process, log = item
@@ -104,16 +112,18 @@ def run_experiment(
             running.remove(item)
             progress.update(1)
             if process.returncode != 0:
-                logger.error(f"{variant} seed {seed} failed (exit {process.returncode}); see {log.name}")
+                logger.error(
+                    f"{variant} seed {seed} failed (exit {process.returncode}); see {log.name}"
+                )
     progress.close()
 
 
-def read_curve(path: Path, eval_sets: Sequence[str]) -> Dict[str, List[float]]:
+def read_curve(path: Path, eval_sets: Sequence[str]) -> dict[str, list[float]]:
     """``iteration`` and ``<set>/AP``, ``<set>/AP50`` at every evaluation of one run, from
     Detectron2's ``metrics.json`` (one JSON object per line). With one test set Detectron2
     writes ``bbox/AP`` without the set name."""
     records = [json.loads(line) for line in open(path / "metrics.json")]
-    curve: Dict[str, List[float]] = {"iteration": []}
+    curve: dict[str, list[float]] = {"iteration": []}
     for record in records:
         keys = [f"{s}/bbox/AP50" for s in eval_sets] if len(eval_sets) > 1 else ["bbox/AP50"]
         if not all(k in record for k in keys):
@@ -126,9 +136,9 @@ def read_curve(path: Path, eval_sets: Sequence[str]) -> Dict[str, List[float]]:
     return curve
 
 
-def collect(spec: Dict, out_dir: str) -> Dict[str, Dict[int, Dict[str, List[float]]]]:
+def collect(spec: dict, out_dir: str) -> dict[str, dict[int, dict[str, list[float]]]]:
     """variant -> seed -> curve, for the finished runs."""
-    results: Dict[str, Dict[int, Dict]] = {}
+    results: dict[str, dict[int, dict]] = {}
     for variant in spec["variants"]:
         for seed in spec["seeds"]:
             path = run_dir(out_dir, variant, seed)
@@ -139,25 +149,40 @@ def collect(spec: Dict, out_dir: str) -> Dict[str, Dict[int, Dict[str, List[floa
     return results
 
 
-def measure_speed(spec: Dict, variants: Sequence[str], iters: int = 30) -> Dict[str, float]:
+def measure_speed(spec: dict, variants: Sequence[str], iters: int = 30) -> dict[str, float]:
     """Median seconds per training iteration of each variant, measured alone with the benchmark
     tool's train task on the variant's real batches (all the machine's threads)."""
     speeds = {}
     for variant in variants:
         output = Path("/tmp") / f"convergence_speed_{os.getpid()}_{variant}.json"
         command = [
-            sys.executable, str(REPO / "tools" / "benchmark.py"), "--config-file", spec["config"],
-            "--task", "train", "--input", "dataset", "--iters", str(iters), "--warmup", "5",
-            "--output", str(output), *spec.get("overrides", []), *spec["variants"][variant],
+            sys.executable,
+            str(REPO / "tools" / "benchmark.py"),
+            "--config-file",
+            spec["config"],
+            "--task",
+            "train",
+            "--input",
+            "dataset",
+            "--iters",
+            str(iters),
+            "--warmup",
+            "5",
+            "--output",
+            str(output),
+            *spec.get("overrides", []),
+            *spec["variants"][variant],
         ]
-        subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         record = json.loads(output.read_text())
         speeds[variant] = record["seconds_median"]
         logger.info(f"{variant}: {speeds[variant]:.3f} s/iteration")
     return speeds
 
 
-def _mean_curve(curves: Dict[int, Dict], key: str):
+def _mean_curve(curves: dict[int, dict], key: str):
     """Iterations common to all seeds, mean and per-seed values of ``key`` there."""
     length = min(len(c["iteration"]) for c in curves.values())
     iterations = next(iter(curves.values()))["iteration"][:length]
@@ -165,13 +190,17 @@ def _mean_curve(curves: Dict[int, Dict], key: str):
     return iterations, values.mean(0), values
 
 
-def markdown_report(spec: Dict, results: Dict, speeds: Dict[str, float], baseline: str) -> str:
+def markdown_report(spec: dict, results: dict, speeds: dict[str, float], baseline: str) -> str:
     """Tables: per variant, seconds per iteration (and overhead vs ``baseline``), and AP50/AP of
     every eval set at every evaluated iteration (mean over seeds, seeds in brackets)."""
     lines = ["| variant | s/iteration | overhead vs " + baseline + " |", "|---|---|---|"]
     for variant in results:
         if variant in speeds:
-            overhead = 100 * (speeds[variant] / speeds[baseline] - 1) if baseline in speeds else float("nan")
+            overhead = (
+                100 * (speeds[variant] / speeds[baseline] - 1)
+                if baseline in speeds
+                else float("nan")
+            )
             lines.append(f"| {variant} | {speeds[variant]:.3f} | {overhead:+.0f} % |")
     for name in spec["eval_sets"]:
         for metric in ("AP50", "AP"):
@@ -183,13 +212,16 @@ def markdown_report(spec: Dict, results: Dict, speeds: Dict[str, float], baselin
             for variant, curves in results.items():
                 its, mean, values = _mean_curve(curves, key)
                 cells = [
-                    f"{m:.1f} ({'/'.join(f'{v:.1f}' for v in values[:, j])})" for j, m in enumerate(mean)
+                    f"{m:.1f} ({'/'.join(f'{v:.1f}' for v in values[:, j])})"
+                    for j, m in enumerate(mean)
                 ]
                 lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(spec: Dict, results: Dict, speeds: Dict[str, float], eval_set: str, path: str) -> None:
+def plot_curves(
+    spec: dict, results: dict, speeds: dict[str, float], eval_set: str, path: str
+) -> None:
     """PNG: AP50 of ``eval_set`` against iterations and against minutes (mean over seeds, the
     seeds' range shaded)."""
     import matplotlib
@@ -201,7 +233,10 @@ def plot_curves(spec: Dict, results: Dict, speeds: Dict[str, float], eval_set: s
     for variant, curves in results.items():
         iterations, mean, values = _mean_curve(curves, f"{eval_set}/AP50")
         iterations = np.array(iterations)
-        for axis, x in ((axes[0], iterations), (axes[1], iterations * speeds.get(variant, np.nan) / 60)):
+        for axis, x in (
+            (axes[0], iterations),
+            (axes[1], iterations * speeds.get(variant, np.nan) / 60),
+        ):
             (line,) = axis.plot(x, mean, marker="o", markersize=3, label=variant)
             axis.fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
     axes[0].set_xlabel("iteration")

@@ -3,13 +3,14 @@
 LR, class and cardinality errors, and each evaluation task's metrics. A resumed run repeats
 iterations: the later value wins. Matplotlib is imported here only.
 """
+
 import json
 import logging
 import math
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 import numpy as np
@@ -17,7 +18,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend is ever needed
 
 logger = logging.getLogger(__name__)
 
-Series = Dict[str, Dict[int, float]]  # key -> {iteration: value}
+Series = dict[str, dict[int, float]]  # key -> {iteration: value}
 
 # loss terms of DETR's criterion; auxiliary decoder layers carry the suffix _0, _1, ...
 LOSS_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice")
@@ -49,7 +50,7 @@ def read_metrics(path: Path) -> Series:
         )
     series: Series = defaultdict(dict)
     rows = replaced = skipped = 0
-    restarts: List[Tuple[int, int]] = []
+    restarts: list[tuple[int, int]] = []
     last_iteration = -1
     with path.open() as f:
         for number, line in enumerate(f, start=1):
@@ -97,7 +98,7 @@ def read_metrics(path: Path) -> Series:
     return dict(series)
 
 
-def _xy(points: Dict[int, float]) -> Tuple[np.ndarray, np.ndarray]:
+def _xy(points: dict[int, float]) -> tuple[np.ndarray, np.ndarray]:
     iterations = sorted(points)
     return np.array(iterations), np.array([points[i] for i in iterations])
 
@@ -116,7 +117,7 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
         return np.where(window_counts > 0, window_sums / np.maximum(window_counts, 1), np.nan)
 
 
-def _line(ax, points: Dict[int, float], label: str, smooth: int, **style) -> None:
+def _line(ax, points: dict[int, float], label: str, smooth: int, **style) -> None:
     x, y = _xy(points)
     if smooth > 1 and len(y) > smooth:
         line = ax.plot(x, y, alpha=0.25, linewidth=0.8, color=style.get("color"))[0]
@@ -126,7 +127,7 @@ def _line(ax, points: Dict[int, float], label: str, smooth: int, **style) -> Non
     ax.plot(x, y, label=label, **style)
 
 
-def _new_figure(panels: int = 1, columns: Optional[int] = None) -> Tuple[Figure, List]:
+def _new_figure(panels: int = 1, columns: int | None = None) -> tuple[Figure, list]:
     columns = columns or panels
     rows = math.ceil(panels / columns)
     fig = Figure(figsize=(6.0 * columns, 3.8 * rows), dpi=100)
@@ -139,7 +140,7 @@ def _new_figure(panels: int = 1, columns: Optional[int] = None) -> Tuple[Figure,
     return fig, axes[:panels]
 
 
-def _save(fig: Figure, output_dir: Path, name: str, written: List[Path]) -> None:
+def _save(fig: Figure, output_dir: Path, name: str, written: list[Path]) -> None:
     fig.tight_layout()
     path = output_dir / name
     fig.savefig(path)
@@ -150,7 +151,7 @@ def _skip(name: str, reason: str) -> None:
     logger.info(f"Skipping {name}: {reason}")
 
 
-def _aux_layers(series: Series, term: str) -> Dict[int, Dict[int, float]]:
+def _aux_layers(series: Series, term: str) -> dict[int, dict[int, float]]:
     layers = {}
     for key, points in series.items():
         match = AUX_SUFFIX.match(key)
@@ -159,7 +160,7 @@ def _aux_layers(series: Series, term: str) -> Dict[int, Dict[int, float]]:
     return dict(sorted(layers.items()))
 
 
-def _sum_series(parts: Sequence[Dict[int, float]]) -> Dict[int, float]:
+def _sum_series(parts: Sequence[dict[int, float]]) -> dict[int, float]:
     """Sum at the iterations every part has (Detectron2 logs all loss terms in the same rows)."""
     if not parts:
         return {}
@@ -167,7 +168,7 @@ def _sum_series(parts: Sequence[Dict[int, float]]) -> Dict[int, float]:
     return {i: sum(p[i] for p in parts) for i in sorted(common)}
 
 
-def plot_losses(series: Series, output_dir: Path, smooth: int, written: List[Path]) -> None:
+def plot_losses(series: Series, output_dir: Path, smooth: int, written: list[Path]) -> None:
     final = [series[t] for t in LOSS_TERMS if t in series]
     aux = [points for t in LOSS_TERMS for points in _aux_layers(series, t).values()]
     if "total_loss" not in series and not final:
@@ -191,7 +192,7 @@ def plot_losses(series: Series, output_dir: Path, smooth: int, written: List[Pat
     _save(fig, output_dir, "losses.png", written)
 
 
-def plot_loss_terms(series: Series, output_dir: Path, smooth: int, written: List[Path]) -> None:
+def plot_loss_terms(series: Series, output_dir: Path, smooth: int, written: list[Path]) -> None:
     terms = [t for t in LOSS_TERMS if t in series or _aux_layers(series, t)]
     if not terms:
         return _skip("loss_terms.png", "no loss_* keys")
@@ -210,7 +211,7 @@ def plot_loss_terms(series: Series, output_dir: Path, smooth: int, written: List
 
 
 def plot_single(
-    series: Series, key: str, output_dir: Path, smooth: int, written: List[Path], ylabel: str
+    series: Series, key: str, output_dir: Path, smooth: int, written: list[Path], ylabel: str
 ) -> None:
     name = f"{key}.png"
     if key not in series:
@@ -222,7 +223,7 @@ def plot_single(
     _save(fig, output_dir, name, written)
 
 
-def plot_lr(series: Series, output_dir: Path, written: List[Path]) -> None:
+def plot_lr(series: Series, output_dir: Path, written: list[Path]) -> None:
     if "lr" not in series:
         return _skip("lr.png", "no 'lr' key")
     fig, (ax,) = _new_figure()
@@ -236,8 +237,8 @@ def plot_lr(series: Series, output_dir: Path, written: List[Path]) -> None:
     _save(fig, output_dir, "lr.png", written)
 
 
-def plot_evaluation(series: Series, output_dir: Path, written: List[Path]) -> None:
-    tasks: Dict[str, Dict[str, Dict[int, float]]] = defaultdict(dict)
+def plot_evaluation(series: Series, output_dir: Path, written: list[Path]) -> None:
+    tasks: dict[str, dict[str, dict[int, float]]] = defaultdict(dict)
     for key, points in series.items():
         if "/" in key:
             task, metric = key.split("/", 1)
@@ -270,11 +271,11 @@ def plot_evaluation(series: Series, output_dir: Path, written: List[Path]) -> No
         _save(fig, output_dir, f"eval_{task}.png", written)
 
 
-def plot_metrics(metrics_file: Path, output_dir: Path, smooth: int = 1) -> List[Path]:
+def plot_metrics(metrics_file: Path, output_dir: Path, smooth: int = 1) -> list[Path]:
     """Write every picture the file has keys for; returns the files written."""
     series = read_metrics(metrics_file)
     output_dir.mkdir(parents=True, exist_ok=True)
-    written: List[Path] = []
+    written: list[Path] = []
     plot_losses(series, output_dir, smooth, written)
     plot_loss_terms(series, output_dir, smooth, written)
     plot_lr(series, output_dir, written)

@@ -7,7 +7,7 @@ are measured with fvcore for one image at the test size, so runs and papers can 
 
 import logging
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from detectron2.config import CfgNode
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 # (row label, parameter-name prefixes); the first matching row takes a parameter
-PARTS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("backbone", ("backbone.",)),
     ("input_proj", ("input_proj.",)),
     ("transformer encoder", ("transformer.encoder.",)),
@@ -53,7 +53,7 @@ def _part_of(name: str) -> str:
     return OTHER
 
 
-def parameter_counts(model: nn.Module) -> Dict[str, Dict[str, int]]:
+def parameter_counts(model: nn.Module) -> dict[str, dict[str, int]]:
     """``{part: {"total", "trainable", "frozen"}}`` for every part in :data:`PARTS` (and "other"),
     plus ``"total"``; frozen = ``requires_grad`` False (e.g. the stem and res2 for FREEZE_AT=2)."""
     labels = [label for label, _ in PARTS] + [OTHER, "total"]
@@ -66,7 +66,7 @@ def parameter_counts(model: nn.Module) -> Dict[str, Dict[str, int]]:
     return counts
 
 
-def flops_image_size(cfg: CfgNode) -> Tuple[int, int]:
+def flops_image_size(cfg: CfgNode) -> tuple[int, int]:
     """(H, W) of a 4:3 landscape image after the test resize, e.g. 800x1066 for the official
     config (shorter side INPUT.MIN_SIZE_TEST, longer side capped at INPUT.MAX_SIZE_TEST)."""
     short = int(cfg.INPUT.MIN_SIZE_TEST)
@@ -77,7 +77,7 @@ def flops_image_size(cfg: CfgNode) -> Tuple[int, int]:
     )
 
 
-def _sdpa_flop_jit(inputs: List, outputs: List) -> int:
+def _sdpa_flop_jit(inputs: list, outputs: list) -> int:
     """fvcore has no rule for fused attention (the path nn.MultiheadAttention takes without
     weights): count its two batched matmuls, q @ k^T and weights @ v, as multiply-adds."""
     from fvcore.nn.jit_handles import get_shape
@@ -96,7 +96,7 @@ class _RawForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         images = self.model.preprocess_image([{"image": image}])
         # while tracing, ImageList holds sizes as tensors; the padding mask wants Python ints
         sizes = [(int(h), int(w)) for h, w in images.image_sizes]
@@ -107,8 +107,8 @@ class _RawForward(nn.Module):
 
 
 def count_flops(
-    model: nn.Module, image_size: Tuple[int, int]
-) -> Tuple[int, Dict[str, int], List[str]]:
+    model: nn.Module, image_size: tuple[int, int]
+) -> tuple[int, dict[str, int], list[str]]:
     """FLOPs (fvcore's convention: one multiply-add = one FLOP) of one inference forward.
 
     Returns:
@@ -134,7 +134,7 @@ def count_flops(
             unsupported = sorted(op.replace("aten::", "") for op in analysis.unsupported_ops())
     finally:
         model.train(was_training)
-    parts: Dict[str, int] = {}
+    parts: dict[str, int] = {}
     for label, prefixes in PARTS:
         flops = sum(by_module.get("model." + p.rstrip("."), 0) for p in prefixes)
         if flops:
@@ -154,7 +154,7 @@ def model_report(model: nn.Module, cfg: CfgNode, flops: bool = True) -> str:
     report says why instead of raising, so a report never stops training.
     """
     counts = parameter_counts(model)
-    part_flops: Optional[Dict[str, int]] = None
+    part_flops: dict[str, int] | None = None
     flop_line = "FLOPs: not measured"
     if flops:
         try:
@@ -167,7 +167,7 @@ def model_report(model: nn.Module, cfg: CfgNode, flops: bool = True) -> str:
             )
         # Tracing an arbitrary model can fail in many ways (unsupported Python, devices, shapes);
         # the numbers are informative only, so any failure becomes a line of the report.
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             part_flops = None
             reason = str(e).splitlines()[0] if str(e) else ""
             flop_line = f"FLOPs: unavailable ({type(e).__name__}: {reason})"

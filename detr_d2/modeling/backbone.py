@@ -1,4 +1,5 @@
 """Detectron2 ResNets with torchvision's layout, as the official DETR checkpoints expect."""
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet, build_resnet_backbone
@@ -27,7 +28,9 @@ def _build_basic_block_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
             )
         )
         in_channels, out_channels = out_channels, out_channels * 2
-    return ResNet(stem, stages, out_features=resnets.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+    return ResNet(
+        stem, stages, out_features=resnets.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT
+    )
 
 
 @BACKBONE_REGISTRY.register()

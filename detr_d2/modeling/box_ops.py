@@ -1,4 +1,5 @@
 """Box helpers in DETR's conventions (normalized cxcywh predictions, xyxy for IoU)."""
+
 import torch
 from torchvision.ops import generalized_box_iou
 

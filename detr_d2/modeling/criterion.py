@@ -10,7 +10,8 @@ and optionally ``aux_outputs`` (a list of such dicts, one per earlier decoder la
 (normalized cxcywh) and, for the "masks" term, ``masks [G_i, H_i, W_i]`` (0/1, at the
 input-image resolution, top-left aligned with the image; zero-padded here to the largest H, W).
 """
-from typing import Callable, Dict, List, Sequence, Tuple
+
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from .box_ops import box_cxcywh_to_xyxy
 from .matcher import HungarianMatcher
 from .segmentation import dice_loss, sigmoid_focal_loss
 
-Indices = List[Tuple[torch.Tensor, torch.Tensor]]
+Indices = list[tuple[torch.Tensor, torch.Tensor]]
 CLASS_LOSSES = ("softmax", "focal", "ia_bce")
 
 
@@ -35,7 +36,7 @@ def average_over_workers(value: torch.Tensor) -> torch.Tensor:
     return value / comm.get_world_size()
 
 
-def average_num_boxes(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> float:
+def average_num_boxes(targets: list[dict[str, torch.Tensor]], device: torch.device) -> float:
     """Number of target boxes per worker, averaged over all workers, at least 1.
 
     Every worker normalises its box losses by the same number, so gradients averaged by DDP
@@ -54,12 +55,12 @@ def paired_generalized_box_iou(
     each -> [M] (the diagonal of the pairwise matrix, without computing the M x M matrix)."""
     area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
     area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
-    inter_wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2]))
+    inter_wh = torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])
     inter = inter_wh.clamp(min=0).prod(-1)
     union = area1 + area2 - inter
     if not giou:
         return inter / union
-    hull_wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2]))
+    hull_wh = torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])
     hull = hull_wh.clamp(min=0).prod(-1)
     return inter / union - (hull - union) / hull
 
@@ -84,7 +85,7 @@ class SetCriterion(nn.Module):
         self,
         num_classes: int,
         matcher: HungarianMatcher,
-        weight_dict: Dict[str, float],
+        weight_dict: dict[str, float],
         eos_coef: float,
         losses: Sequence[str] = ("labels", "boxes"),
         class_loss: str = "softmax",
@@ -94,9 +95,13 @@ class SetCriterion(nn.Module):
         super().__init__()
         unknown = set(losses) - set(self._loss_table())
         if unknown:
-            raise ValueError(f"Unknown DETR loss terms {sorted(unknown)}; known: {list(self._loss_table())}")
+            raise ValueError(
+                f"Unknown DETR loss terms {sorted(unknown)}; known: {list(self._loss_table())}"
+            )
         if class_loss not in CLASS_LOSSES:
-            raise ValueError(f"MODEL.DETR.CLASS_LOSS must be one of {CLASS_LOSSES}, got {class_loss!r}.")
+            raise ValueError(
+                f"MODEL.DETR.CLASS_LOSS must be one of {CLASS_LOSSES}, got {class_loss!r}."
+            )
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
@@ -109,20 +114,20 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
-    def _loss_table(self) -> Dict[str, Callable]:
+    def _loss_table(self) -> dict[str, Callable]:
         return {"labels": self.loss_labels, "boxes": self.loss_boxes, "masks": self.loss_masks}
 
     # loss terms computed on the final decoder layer only
     _FINAL_LAYER_ONLY = ("masks",)
 
     @staticmethod
-    def _matched_query_index(indices: Indices) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _matched_query_index(indices: Indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(image index [M], query index [M]) of every matched prediction."""
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
         return batch_idx, src_idx
 
-    def loss_labels(self, outputs, targets, indices, num_boxes) -> Dict[str, torch.Tensor]:
+    def loss_labels(self, outputs, targets, indices, num_boxes) -> dict[str, torch.Tensor]:
         """Cross-entropy over all queries; unmatched ones are "no object" (weight eos_coef).
         With a sigmoid ``class_loss``, see :meth:`_sigmoid_class_loss`."""
         logits = outputs["pred_logits"].float()  # [N, Q, K+1]
@@ -133,7 +138,11 @@ class SetCriterion(nn.Module):
         )
         target_classes[idx] = target_classes_o.to(logits.device)
         if self.class_loss != "softmax":
-            return {"loss_ce": self._sigmoid_class_loss(outputs, targets, indices, target_classes, num_boxes)}
+            return {
+                "loss_ce": self._sigmoid_class_loss(
+                    outputs, targets, indices, target_classes, num_boxes
+                )
+            }
         # The official weighted mean, sum(w * ce) / sum(w), with sum(w) averaged over workers
         # like num_boxes: identical on one worker, and DDP's averaged gradients then equal those
         # of one big batch (a per-worker mean would weight workers by their share of matches).
@@ -143,33 +152,47 @@ class SetCriterion(nn.Module):
         weight_sum = average_over_workers(self.empty_weight[target_classes].sum().detach())
         return {"loss_ce": weighted_ce / weight_sum}
 
-    def _sigmoid_class_loss(self, outputs, targets, indices, target_classes, num_boxes) -> torch.Tensor:
+    def _sigmoid_class_loss(
+        self, outputs, targets, indices, target_classes, num_boxes
+    ) -> torch.Tensor:
         """Focal or IoU-aware BCE over the K class logits of every query, summed and divided by
         the number of target boxes (Deformable DETR's normalisation)."""
         logits = outputs["pred_logits"][..., : self.num_classes].float()  # [N, Q, K]
         onehot = F.one_hot(target_classes, self.num_classes + 1)[..., : self.num_classes].to(logits)
         if self.class_loss == "focal":
-            return sigmoid_focal_loss(
-                logits.flatten(0, 1), onehot.flatten(0, 1), 1.0, self.focal_alpha, self.focal_gamma
-            ) * logits.shape[-1] / num_boxes
+            return (
+                sigmoid_focal_loss(
+                    logits.flatten(0, 1),
+                    onehot.flatten(0, 1),
+                    1.0,
+                    self.focal_alpha,
+                    self.focal_gamma,
+                )
+                * logits.shape[-1]
+                / num_boxes
+            )
         # IA-BCE: positives' soft target t = p^alpha * IoU^(1-alpha); negatives weighted p^gamma
         prob = logits.sigmoid()
         idx = self._matched_query_index(indices)
         src_boxes = outputs["pred_boxes"][idx].detach().float()
         target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
         iou = paired_generalized_box_iou(
-            box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes.to(src_boxes)), giou=False
+            box_cxcywh_to_xyxy(src_boxes),
+            box_cxcywh_to_xyxy(target_boxes.to(src_boxes)),
+            giou=False,
         ).clamp(min=0.01)
         pos_weights = torch.zeros_like(logits)
         neg_weights = prob.detach() ** self.focal_gamma
         labels = target_classes[idx]
-        t = prob[idx[0], idx[1], labels].detach() ** self.focal_alpha * iou ** (1 - self.focal_alpha)
+        t = prob[idx[0], idx[1], labels].detach() ** self.focal_alpha * iou ** (
+            1 - self.focal_alpha
+        )
         pos_weights[idx[0], idx[1], labels] = t
         neg_weights[idx[0], idx[1], labels] = 1 - t
         loss = -pos_weights * F.logsigmoid(logits) - neg_weights * F.logsigmoid(-logits)
         return loss.sum() / num_boxes
 
-    def loss_boxes(self, outputs, targets, indices, num_boxes) -> Dict[str, torch.Tensor]:
+    def loss_boxes(self, outputs, targets, indices, num_boxes) -> dict[str, torch.Tensor]:
         """L1 and GIoU losses of the matched boxes, normalised by the number of target boxes."""
         idx = self._matched_query_index(indices)
         src_boxes = outputs["pred_boxes"][idx].float()  # [M, 4]
@@ -181,7 +204,7 @@ class SetCriterion(nn.Module):
         )
         return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
 
-    def loss_masks(self, outputs, targets, indices, num_boxes) -> Dict[str, torch.Tensor]:
+    def loss_masks(self, outputs, targets, indices, num_boxes) -> dict[str, torch.Tensor]:
         """Sigmoid focal (``loss_mask``) and Dice (``loss_dice``) losses of the matched masks.
 
         As the official code: target masks are zero-padded to the batch's largest H, W and the
@@ -207,7 +230,7 @@ class SetCriterion(nn.Module):
         }
 
     @torch.no_grad()
-    def metrics(self, outputs, targets, indices) -> Dict[str, float]:
+    def metrics(self, outputs, targets, indices) -> dict[str, float]:
         """Diagnostics of one decoder layer (not losses): ``class_error`` (% of matched queries
         whose top class is wrong, 100 when nothing is matched) and ``cardinality_error`` (mean
         absolute difference between the number of predicted objects and targets; a prediction
@@ -232,7 +255,7 @@ class SetCriterion(nn.Module):
 
     def compute(
         self, outputs, targets, num_groups: int = 1, losses: Sequence[str] = ()
-    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, float], List[Indices]]:
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float], list[Indices]]:
         """Unweighted losses of every layer, last-layer metrics, and the matches of every layer
         (last layer first, then the auxiliary layers in order).
 
@@ -267,7 +290,9 @@ class SetCriterion(nn.Module):
         metrics = self.metrics(group0, targets, all_indices[0][:n])
         return result, metrics, all_indices
 
-    def forward(self, outputs, targets, num_groups: int = 1, one_to_many=None) -> Dict[str, torch.Tensor]:
+    def forward(
+        self, outputs, targets, num_groups: int = 1, one_to_many=None
+    ) -> dict[str, torch.Tensor]:
         """Weighted losses. ``num_groups``: see :meth:`compute`. ``one_to_many``: optional
         ``(outputs, repeat, weight)`` of the training-only one-to-many queries (H-DETR): matched
         to every target repeated ``repeat`` times, box and class terms only, weighted by
@@ -284,7 +309,9 @@ class SetCriterion(nn.Module):
                 for t in targets
             ]
             o2m_losses, _, _ = self.compute(o2m_outputs, repeated, losses=("labels", "boxes"))
-            weighted.update({k + "_o2m": v * self.weight_dict[k] * weight for k, v in o2m_losses.items()})
+            weighted.update(
+                {k + "_o2m": v * self.weight_dict[k] * weight for k, v in o2m_losses.items()}
+            )
         return weighted
 
     def extra_repr(self) -> str:
@@ -297,7 +324,7 @@ def pad_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.pad(masks, (0, width - masks.shape[-1], 0, height - masks.shape[-2]))
 
 
-def build_weight_dict(base: Dict[str, float], num_aux_layers: int) -> Dict[str, float]:
+def build_weight_dict(base: dict[str, float], num_aux_layers: int) -> dict[str, float]:
     """Weights of the final layer's terms, repeated for every auxiliary layer (suffix ``_{i}``)."""
     weights = dict(base)
     for i in range(num_aux_layers):

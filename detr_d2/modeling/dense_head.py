@@ -5,8 +5,9 @@ instead of the one query per object of the set loss. It is dropped at inference.
 
 Shapes: N images, C channels, H x W the feature map, K classes, P positive locations.
 """
+
 import math
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,11 @@ class DenseAuxHead(nn.Module):
         super().__init__()
         layers = []
         for _ in range(2):
-            layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(8, channels), nn.ReLU()]
+            layers += [
+                nn.Conv2d(channels, channels, 3, padding=1),
+                nn.GroupNorm(8, channels),
+                nn.ReLU(),
+            ]
         self.tower = nn.Sequential(*layers)
         self.cls_logits = nn.Conv2d(channels, num_classes, 3, padding=1)
         self.box_distances = nn.Conv2d(channels, 4, 3, padding=1)
@@ -40,7 +45,7 @@ class DenseAuxHead(nn.Module):
         self.num_classes = num_classes
         self.center_radius = center_radius
 
-    def forward(self, feature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, C, H, W] -> class logits [N, K, H, W], distances [N, 4, H, W] in strides (>= 0)."""
         x = self.tower(feature)
         return self.cls_logits(x), F.softplus(self.box_distances(x))
@@ -50,10 +55,10 @@ class DenseAuxHead(nn.Module):
         cls_logits: torch.Tensor,
         distances: torch.Tensor,
         padding: torch.Tensor,
-        targets: List[Dict[str, torch.Tensor]],
-        image_sizes: Sequence[Tuple[int, int]],
+        targets: list[dict[str, torch.Tensor]],
+        image_sizes: Sequence[tuple[int, int]],
         stride: float,
-    ) -> Dict[str, torch.Tensor]:
+    ) -> dict[str, torch.Tensor]:
         """``loss_dense_cls`` (sigmoid focal over the unpadded locations, per positive) and
         ``loss_dense_giou`` (1 - GIoU of the positives' boxes), both normalised by the number
         of positives. ``padding``: bool [N, H, W], True on padding; ``targets`` as for the
@@ -93,12 +98,18 @@ class DenseAuxHead(nn.Module):
         """Index of the box each location regresses (the smallest containing it near its
         centre), -1 for background; every box keeps at least the location nearest its centre."""
         centers = (boxes[:, :2] + boxes[:, 2:]) / 2  # [G, 2]
-        inside = (points[:, None, :] > boxes[None, :, :2]) & (points[:, None, :] < boxes[None, :, 2:])
+        inside = (points[:, None, :] > boxes[None, :, :2]) & (
+            points[:, None, :] < boxes[None, :, 2:]
+        )
         near = (points[:, None, :] - centers[None]).abs() < self.center_radius * stride
         candidate = (inside & near).all(-1)  # [H*W, G]
         nearest = (points[:, None, :] - centers[None]).norm(dim=-1).argmin(0)  # [G]
         candidate[nearest, torch.arange(len(boxes), device=boxes.device)] = True
         area = (boxes[:, 2:] - boxes[:, :2]).prod(-1)  # [G]
-        cost = torch.where(candidate, area[None].expand_as(candidate), torch.full_like(candidate, float("inf"), dtype=area.dtype))
+        cost = torch.where(
+            candidate,
+            area[None].expand_as(candidate),
+            torch.full_like(candidate, float("inf"), dtype=area.dtype),
+        )
         best_cost, best = cost.min(1)
         return torch.where(torch.isfinite(best_cost), best, torch.full_like(best, -1))

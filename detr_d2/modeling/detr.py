@@ -9,9 +9,10 @@ With ``MODEL.MASK_ON`` the model is the official ``DETRsegm``: the same trunk pl
 (:mod:`.segmentation`); inference can then return instance masks, semantic scores and panoptic
 segmentations (``MODEL.DETR.TEST.{INSTANCE,SEMANTIC,PANOPTIC}_ON``).
 """
+
 import logging
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from ..layout import ClassLayout, generic_layout, layout_from_cfg
 from ..precision import autocast, precision_dtype, to_float32
 from .box_ops import box_xyxy_to_cxcywh
 from .criterion import SetCriterion, build_weight_dict
+from .dense_head import DenseAuxHead
 from .matcher import HungarianMatcher
 from .position_encoding import build_position_encoding
 from .postprocessing import (
@@ -35,7 +37,6 @@ from .postprocessing import (
     instances_results,
 )
 from .segmentation import MASK_HEAD_IN_FEATURES, MaskAttentionMap, MaskHead
-from .dense_head import DenseAuxHead
 from .training_queries import TrainingQueries
 from .transformer import Transformer
 
@@ -82,8 +83,8 @@ class Detr(nn.Module):
         num_queries: int,
         aux_loss: bool,
         criterion: SetCriterion,
-        pixel_mean: Tuple[float, ...],
-        pixel_std: Tuple[float, ...],
+        pixel_mean: tuple[float, ...],
+        pixel_std: tuple[float, ...],
         input_format: str = "RGB",
         # segmentation
         mask_on: bool = False,
@@ -92,19 +93,19 @@ class Detr(nn.Module):
         instance_on: bool = True,
         semantic_on: bool = False,
         panoptic_on: bool = False,
-        thing_ids: Optional[Sequence[int]] = None,
-        class_layout: Optional[ClassLayout] = None,
+        thing_ids: Sequence[int] | None = None,
+        class_layout: ClassLayout | None = None,
         panoptic_threshold: float = 0.85,
         mask_threshold: float = 0.5,
         # speed
         test_precision: torch.dtype = torch.float32,
         channels_last: bool = False,
         # training-only convergence aids (docs/convergence.md)
-        training_queries: Optional[TrainingQueries] = None,
+        training_queries: TrainingQueries | None = None,
         one_to_many_repeat: int = 6,
         one_to_many_weight: float = 1.0,
         score_activation: str = "softmax",
-        dense_head: Optional[DenseAuxHead] = None,
+        dense_head: DenseAuxHead | None = None,
         dense_weight: float = 1.0,
         size_divisibility_train: int = 0,
     ):
@@ -208,7 +209,9 @@ class Detr(nn.Module):
             self.backbone.to(memory_format=torch.channels_last)
 
         if score_activation not in ("softmax", "sigmoid"):
-            raise ValueError(f"score_activation must be 'softmax' or 'sigmoid', got {score_activation!r}.")
+            raise ValueError(
+                f"score_activation must be 'softmax' or 'sigmoid', got {score_activation!r}."
+            )
         if score_activation == "sigmoid" and mask_on:
             raise ValueError(
                 "MODEL.DETR.CLASS_LOSS focal/ia_bce (sigmoid scores) is not supported with "
@@ -231,7 +234,9 @@ class Detr(nn.Module):
         self.one_to_many_weight = one_to_many_weight
         if dense_head is not None:
             if mask_on:
-                raise ValueError("MODEL.DETR.DENSE_AUX is a box-model training aid: not with MODEL.MASK_ON.")
+                raise ValueError(
+                    "MODEL.DETR.DENSE_AUX is a box-model training aid: not with MODEL.MASK_ON."
+                )
             self.train_only["dense_head"] = dense_head
         self.dense_weight = dense_weight
         self.size_divisibility_train = size_divisibility_train
@@ -246,7 +251,7 @@ class Detr(nn.Module):
                 parameter.requires_grad_(False)
 
     @classmethod
-    def from_config(cls, cfg) -> Dict:
+    def from_config(cls, cfg) -> dict:
         detr = cfg.MODEL.DETR
         layout = layout_from_cfg(cfg)  # NUM_CLASSES 0: the dataset's count
         backbone = build_backbone(cfg)
@@ -324,7 +329,9 @@ class Detr(nn.Module):
             "one_to_many_repeat": detr.ONE_TO_MANY.REPEAT,
             "one_to_many_weight": detr.ONE_TO_MANY.WEIGHT,
             "score_activation": "sigmoid" if sigmoid else "softmax",
-            "dense_head": DenseAuxHead(detr.HIDDEN_DIM, layout.num_classes) if detr.DENSE_AUX.ENABLED else None,
+            "dense_head": DenseAuxHead(detr.HIDDEN_DIM, layout.num_classes)
+            if detr.DENSE_AUX.ENABLED
+            else None,
             "dense_weight": detr.DENSE_AUX.WEIGHT,
             "size_divisibility_train": detr.SIZE_DIVISIBILITY_TRAIN,
         }
@@ -333,7 +340,7 @@ class Detr(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def convert_checkpoint_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> Dict:
+    def convert_checkpoint_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict:
         """``state_dict`` in this model's layout: an official DETR one (torchvision backbone
         names, optional ``detr.`` prefix, class head indexed by COCO category id) is converted
         and its head remapped to ``class_layout``; any other is returned as it is. Detectron2's
@@ -345,7 +352,7 @@ class Detr(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Old (official DETR) layouts are converted here too, for plain ``load_state_dict``."""
-        local = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        local = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if is_official_detr_state_dict(local):
             converted = self.convert_checkpoint_state_dict(local)
             for key in [k for k in state_dict if k.startswith(prefix)]:
@@ -363,7 +370,11 @@ class Detr(nn.Module):
         queries = self.train_only["queries"]
         own = {prefix + "train_only.queries." + k: v for k, v in queries.state_dict().items()}
         plain = state_dict.get(prefix + "query_embed.weight")
-        if all(k in state_dict for k in own) or plain is None or plain.shape != self.query_embed.weight.shape:
+        if (
+            all(k in state_dict for k in own)
+            or plain is None
+            or plain.shape != self.query_embed.weight.shape
+        ):
             return
         queries.init_from_plain(plain.to(self.query_embed.weight))
         logger.info("Training-only query sets initialised from the checkpoint's object queries.")
@@ -371,10 +382,12 @@ class Detr(nn.Module):
             state_dict.setdefault(prefix + "train_only.queries." + key, value.clone())
 
     # ---------------------------------------------------------------- shared trunk
-    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+    def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
         """Normalize, reorder to RGB and zero-pad at the bottom/right (no size divisibility, as
         the official batching); ``image_sizes`` keep the unpadded sizes."""
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
         if self.input_format == "BGR":
             images = [x.flip(0) for x in images]
         divisibility = self.backbone.size_divisibility
@@ -383,7 +396,7 @@ class Detr(nn.Module):
         return ImageList.from_tensors(images, divisibility)
 
     @staticmethod
-    def padding_mask(images: ImageList, size: Tuple[int, int]) -> torch.Tensor:
+    def padding_mask(images: ImageList, size: tuple[int, int]) -> torch.Tensor:
         """bool [N, h, w], True on padding, for a feature map of ``size``.
 
         As the official implementation: built at input resolution from the unpadded sizes, then
@@ -400,7 +413,7 @@ class Detr(nn.Module):
         )  # [N, H, W]
         return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
 
-    def forward_heads(self, images: ImageList, with_aux: bool = True) -> Dict:
+    def forward_heads(self, images: ImageList, with_aux: bool = True) -> dict:
         """Raw head outputs: ``pred_logits [N, Q, K+1]``, ``pred_boxes [N, Q, 4]`` (sigmoid
         cxcywh relative to each unpadded image), with ``mask_on`` ``pred_masks [N, Q, H4, W4]``
         (mask logits on the padded batch's grid) and, with deep supervision and ``with_aux``,
@@ -414,7 +427,9 @@ class Detr(nn.Module):
         mask = self.padding_mask(images, feature.shape[-2:])
         pos = self.position_embedding(mask).to(feature.dtype)
         projected = self.input_proj(feature)
-        extra = self.train_only["queries"] if self.training and "queries" in self.train_only else None
+        extra = (
+            self.train_only["queries"] if self.training and "queries" in self.train_only else None
+        )
         if extra is None:
             hs, memory = self.transformer(projected, mask, self.query_embed.weight, pos)
         else:
@@ -447,7 +462,7 @@ class Detr(nn.Module):
         return outputs
 
     @staticmethod
-    def _training_set_outputs(extra: TrainingQueries, logits, boxes) -> Dict:
+    def _training_set_outputs(extra: TrainingQueries, logits, boxes) -> dict:
         """Outputs of the training-only query sets: the groups stacked group-major along the
         batch ([G*N, Q, ...], group 0 first) and, under ``one_to_many``, the one-to-many set."""
 
@@ -455,18 +470,21 @@ class Detr(nn.Module):
             outputs = {"pred_logits": layer_logits[-1], "pred_boxes": layer_boxes[-1]}
             if len(layer_logits) > 1:
                 outputs["aux_outputs"] = [
-                    {"pred_logits": a, "pred_boxes": b} for a, b in zip(layer_logits[:-1], layer_boxes[:-1])
+                    {"pred_logits": a, "pred_boxes": b}
+                    for a, b in zip(layer_logits[:-1], layer_boxes[:-1])
                 ]
             return outputs
 
         split_logits, split_boxes = extra.split(logits), extra.split(boxes)
         outputs = as_outputs(split_logits["groups"], split_boxes["groups"])
         if split_logits["one_to_many"] is not None:
-            outputs["one_to_many"] = as_outputs(split_logits["one_to_many"], split_boxes["one_to_many"])
+            outputs["one_to_many"] = as_outputs(
+                split_logits["one_to_many"], split_boxes["one_to_many"]
+            )
         return outputs
 
     # ---------------------------------------------------------------- entry points
-    def forward(self, batched_inputs: List[Dict]):
+    def forward(self, batched_inputs: list[dict]):
         """
         Args:
             batched_inputs: Detectron2 dicts with ``image`` (CHW, 0-255, ``INPUT.FORMAT``),
@@ -487,7 +505,7 @@ class Detr(nn.Module):
                 return self.criterion(outputs, targets)
             return self._training_aid_losses(outputs, targets, images.image_sizes)
 
-    def _training_aid_losses(self, outputs: Dict, targets: List[Dict], image_sizes) -> Dict:
+    def _training_aid_losses(self, outputs: dict, targets: list[dict], image_sizes) -> dict:
         """The set losses with the training-only query sets and the dense head's losses."""
         dense = outputs.pop("dense", None)
         one_to_many = outputs.pop("one_to_many", None)
@@ -503,15 +521,15 @@ class Detr(nn.Module):
             losses.update({k: v * self.dense_weight for k, v in dense_losses.items()})
         return losses
 
-    def _test_heads(self, images: ImageList, with_aux: bool) -> Dict:
+    def _test_heads(self, images: ImageList, with_aux: bool) -> dict:
         """``forward_heads`` in ``test_precision``, outputs in fp32 for post-processing."""
         with autocast(self.device.type, self.test_precision):
             outputs = self.forward_heads(images, with_aux=with_aux)
         return to_float32(outputs)
 
     def prepare_targets(
-        self, batched_inputs: List[Dict], padded_size: Optional[Tuple[int, int]] = None
-    ) -> List[Dict[str, torch.Tensor]]:
+        self, batched_inputs: list[dict], padded_size: tuple[int, int] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
         """Ground truth in the criterion's format: ``labels [G]`` and ``boxes [G, 4]`` cxcywh
         normalized by the unpadded image size; with ``mask_on`` also ``masks`` (uint8 [G, H, W])
         zero-padded to ``padded_size`` (default: the image's own size)."""
@@ -519,7 +537,9 @@ class Detr(nn.Module):
         for x in batched_inputs:
             instances = x["instances"].to(self.device)
             height, width = instances.image_size
-            scale = torch.as_tensor([width, height, width, height], dtype=torch.float32, device=self.device)
+            scale = torch.as_tensor(
+                [width, height, width, height], dtype=torch.float32, device=self.device
+            )
             boxes = box_xyxy_to_cxcywh(instances.gt_boxes.tensor.float() / scale)
             target = {"labels": instances.gt_classes, "boxes": boxes}
             if self.mask_on:
@@ -527,7 +547,7 @@ class Detr(nn.Module):
             targets.append(target)
         return targets
 
-    def _gt_mask_tensor(self, instances, padded_size: Tuple[int, int]) -> torch.Tensor:
+    def _gt_mask_tensor(self, instances, padded_size: tuple[int, int]) -> torch.Tensor:
         """uint8 [G, H, W] masks of ``instances.gt_masks`` (bit masks or polygons), zero-padded
         at the bottom and right."""
         height, width = instances.image_size
@@ -548,14 +568,14 @@ class Detr(nn.Module):
         return F.pad(masks, (0, pad_right, 0, pad_bottom))
 
     @torch.no_grad()
-    def predict_raw(self, batched_inputs: List[Dict]) -> Dict:
+    def predict_raw(self, batched_inputs: list[dict]) -> dict:
         """The head's raw outputs for images in Detectron2's input format (eval mode only):
         ``pred_logits``, ``pred_boxes``, ``aux_outputs`` and, with ``mask_on``, ``pred_masks``
         as in :meth:`forward_heads`."""
         assert not self.training, "predict_raw() runs the model in eval mode; call model.eval()"
         return self._test_heads(self.preprocess_image(batched_inputs), with_aux=True)
 
-    def inference(self, batched_inputs: List[Dict], do_postprocess: bool = True):
+    def inference(self, batched_inputs: list[dict], do_postprocess: bool = True):
         """
         Returns:
             with ``do_postprocess``: a list of dicts, one per input, at the ``height`` x
@@ -573,7 +593,8 @@ class Detr(nn.Module):
                 outputs, self.postprocess_options, images.tensor.shape[-2:], images.image_sizes
             )
         sizes = [
-            (x.get("height", h), x.get("width", w)) for x, (h, w) in zip(batched_inputs, images.image_sizes)
+            (x.get("height", h), x.get("width", w))
+            for x, (h, w) in zip(batched_inputs, images.image_sizes)
         ]
         return inference_results(
             outputs, self.postprocess_options, images.tensor.shape[-2:], images.image_sizes, sizes

@@ -7,6 +7,7 @@ In eval mode a (frozen) batch norm is a per-channel affine map, ``y = x * s + t`
 map of the backbone. The rewrite changes the parameters, so it is applied to a copy of the
 model (:func:`inference_model`): the training model keeps its norms and its checkpoint layout.
 """
+
 import copy
 import logging
 

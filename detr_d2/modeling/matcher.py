@@ -2,7 +2,6 @@
 
 Shapes: N images, Q queries, K + 1 logits (last = "no object"), G_i ground-truth boxes of image i.
 """
-from typing import List, Tuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -57,9 +56,9 @@ class HungarianMatcher(nn.Module):
         self,
         pred_logits: torch.Tensor,
         pred_boxes: torch.Tensor,
-        gt_classes: List[torch.Tensor],
-        gt_boxes: List[torch.Tensor],
-    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        gt_classes: list[torch.Tensor],
+        gt_boxes: list[torch.Tensor],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """
         Args:
             pred_logits: [N, Q, K+1] class logits.
@@ -77,9 +76,9 @@ class HungarianMatcher(nn.Module):
         self,
         pred_logits: torch.Tensor,
         pred_boxes: torch.Tensor,
-        gt_classes: List[torch.Tensor],
-        gt_boxes: List[torch.Tensor],
-    ) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        gt_classes: list[torch.Tensor],
+        gt_boxes: list[torch.Tensor],
+    ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """:meth:`forward` for the outputs of L decoder layers at once: ``pred_logits``
         [L, N, Q, K+1], ``pred_boxes`` [L, N, Q, 4]; returns L lists of N index pairs. All
         layers and images share one cost computation and one device-to-host transfer."""
@@ -97,10 +96,16 @@ class HungarianMatcher(nn.Module):
         cost_class = self._class_cost(logits, tgt_ids)  # [L*N*Q, sum G]
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
-        cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        cost = (
+            self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        )
         cost = cost.view(layers, n, q, -1).cpu()
         if not torch.isfinite(cost).all():
-            bad = [name for name, t in (("pred_logits", pred_logits), ("pred_boxes", pred_boxes)) if not torch.isfinite(t).all()]
+            bad = [
+                name
+                for name, t in (("pred_logits", pred_logits), ("pred_boxes", pred_boxes))
+                if not torch.isfinite(t).all()
+            ]
             raise FloatingPointError(
                 f"Non-finite matching cost (non-finite {bad or 'GIoU of degenerate boxes'}): the "
                 "model has diverged; lower SOLVER.BASE_LR or check the input data."
@@ -112,10 +117,15 @@ class HungarianMatcher(nn.Module):
             for i, block in enumerate(blocks):
                 pred_idx, gt_idx = linear_sum_assignment(block[layer, i])
                 indices[-1].append(
-                    (torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(gt_idx, dtype=torch.int64))
+                    (
+                        torch.as_tensor(pred_idx, dtype=torch.int64),
+                        torch.as_tensor(gt_idx, dtype=torch.int64),
+                    )
                 )
         return indices
 
     def extra_repr(self) -> str:
-        text = f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}"
+        text = (
+            f"cost_class={self.cost_class}, cost_bbox={self.cost_bbox}, cost_giou={self.cost_giou}"
+        )
         return text if self.class_cost == "softmax" else f"{text}, class_cost={self.class_cost}"

@@ -2,6 +2,7 @@
 
 Shapes: N images, H x W feature map, C = 2 * num_pos_feats channels.
 """
+
 import math
 
 import torch
@@ -92,6 +93,4 @@ def build_position_encoding(kind: str, hidden_dim: int) -> nn.Module:
         return PositionEmbeddingSine(hidden_dim // 2, normalize=True)
     if kind == "learned":
         return PositionEmbeddingLearned(hidden_dim // 2)
-    raise ValueError(
-        f"MODEL.DETR.POSITION_EMBEDDING must be 'sine' or 'learned', got {kind!r}."
-    )
+    raise ValueError(f"MODEL.DETR.POSITION_EMBEDDING must be 'sine' or 'learned', got {kind!r}.")

@@ -4,8 +4,9 @@ full-resolution masks), semantic score maps and ``(panoptic_seg, segments_info)`
 Shapes: Q queries, K classes (+1 "no object" logit), H4 x W4 the mask logits' grid (1/4 of the
 padded batch), h x w an input image's unpadded size, H x W the requested output size.
 """
+
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -27,9 +28,9 @@ def class_probabilities(pred_logits: torch.Tensor, activation: str = "softmax") 
 def detection_inference(
     pred_logits: torch.Tensor,
     pred_boxes: torch.Tensor,
-    output_sizes: Sequence[Tuple[int, int]],
+    output_sizes: Sequence[tuple[int, int]],
     activation: str = "softmax",
-) -> List[Instances]:
+) -> list[Instances]:
     """One ``Instances`` per image with every query, as the official ``PostProcess``.
 
     Args:
@@ -69,9 +70,9 @@ _MASK_CHUNK = 16
 
 def instance_masks(
     pred_masks: torch.Tensor,
-    padded_size: Tuple[int, int],
-    image_size: Tuple[int, int],
-    output_size: Tuple[int, int],
+    padded_size: tuple[int, int],
+    image_size: tuple[int, int],
+    output_size: tuple[int, int],
     threshold: float = 0.5,
 ) -> torch.Tensor:
     """Binary masks at the output size, as the official ``PostProcessSegm``.
@@ -103,12 +104,12 @@ def instance_masks(
 def instance_inference(
     pred_logits: torch.Tensor,
     pred_boxes: torch.Tensor,
-    pred_masks: Optional[torch.Tensor],
+    pred_masks: torch.Tensor | None,
     *,
-    padded_size: Tuple[int, int],
-    image_size: Tuple[int, int],
-    output_size: Tuple[int, int],
-    thing_ids: Optional[Collection[int]] = None,
+    padded_size: tuple[int, int],
+    image_size: tuple[int, int],
+    output_size: tuple[int, int],
+    thing_ids: Collection[int] | None = None,
     mask_threshold: float = 0.5,
     activation: str = "softmax",
 ) -> Instances:
@@ -132,9 +133,9 @@ def instance_inference(
 def semantic_inference(
     pred_logits: torch.Tensor,
     pred_masks: torch.Tensor,
-    padded_size: Tuple[int, int],
-    image_size: Tuple[int, int],
-    output_size: Tuple[int, int],
+    padded_size: tuple[int, int],
+    image_size: tuple[int, int],
+    output_size: tuple[int, int],
 ) -> torch.Tensor:
     """Per-class scores [K, H, W]: the sum over queries of the class probability (without "no
     object") times the mask probability, on the unpadded image, resized (bilinear) to the output
@@ -155,9 +156,9 @@ def semantic_inference(
 
 def _segment_id_map(
     masks: torch.Tensor,
-    image_size: Tuple[int, int],
-    output_size: Tuple[int, int],
-    merge: Optional[torch.Tensor] = None,
+    image_size: tuple[int, int],
+    output_size: tuple[int, int],
+    merge: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """int64 [H, W]: for each pixel, the index of the mask with the highest logit.
 
@@ -191,11 +192,11 @@ def _pil_nearest_indices(size_in: int, size_out: int) -> torch.Tensor:
 def panoptic_inference(
     pred_logits: torch.Tensor,
     pred_masks: torch.Tensor,
-    image_size: Tuple[int, int],
-    output_size: Tuple[int, int],
+    image_size: tuple[int, int],
+    output_size: tuple[int, int],
     thing_ids: Collection[int],
     threshold: float = 0.85,
-) -> Tuple[torch.Tensor, List[Dict]]:
+) -> tuple[torch.Tensor, list[dict]]:
     """One image's panoptic segmentation, as the official ``PostProcessPanoptic``.
 
     Args:
@@ -256,7 +257,7 @@ def panoptic_inference(
 
 
 def image_sizes_tensor(
-    image_sizes: Union[torch.Tensor, Sequence[Sequence]], device: torch.device
+    image_sizes: torch.Tensor | Sequence[Sequence], device: torch.device
 ) -> torch.Tensor:
     """int64 [N, 2] (height, width) of ``ImageList.image_sizes``, which holds int pairs in eager
     mode, 1-D size tensors under ``torch.jit.trace`` (Detectron2's ``ImageList.from_tensors``)
@@ -277,19 +278,19 @@ class PostprocessOptions:
     instance_on: bool = True
     semantic_on: bool = False
     panoptic_on: bool = False
-    thing_ids: Optional[Tuple[int, ...]] = None
+    thing_ids: tuple[int, ...] | None = None
     panoptic_threshold: float = 0.85
     mask_threshold: float = 0.5
     score_activation: str = "softmax"
 
 
 def instances_results(
-    outputs: Dict[str, torch.Tensor],
+    outputs: dict[str, torch.Tensor],
     options: PostprocessOptions,
-    padded_size: Tuple[int, int],
-    image_sizes: Sequence[Tuple[int, int]],
-    output_sizes: Optional[Sequence[Tuple[int, int]]] = None,
-) -> List[Instances]:
+    padded_size: tuple[int, int],
+    image_sizes: Sequence[tuple[int, int]],
+    output_sizes: Sequence[tuple[int, int]] | None = None,
+) -> list[Instances]:
     """One ``Instances`` per image at ``output_sizes`` (default: ``image_sizes``) from the raw
     outputs ``pred_logits``, ``pred_boxes`` and, with ``mask_on``, ``pred_masks``; see
     :func:`detection_inference` and :func:`instance_inference`."""
@@ -315,12 +316,12 @@ def instances_results(
 
 
 def inference_results(
-    outputs: Dict[str, torch.Tensor],
+    outputs: dict[str, torch.Tensor],
     options: PostprocessOptions,
-    padded_size: Tuple[int, int],
-    image_sizes: Sequence[Tuple[int, int]],
-    output_sizes: Sequence[Tuple[int, int]],
-) -> List[Dict]:
+    padded_size: tuple[int, int],
+    image_sizes: Sequence[tuple[int, int]],
+    output_sizes: Sequence[tuple[int, int]],
+) -> list[dict]:
     """Detectron2's per-image output dicts (``instances``, ``sem_seg``, ``panoptic_seg`` as
     switched on in ``options``) from the raw outputs of a padded batch of ``padded_size``,
     shared by the PyTorch model and the exported graphs (:mod:`detr_d2.export`)."""

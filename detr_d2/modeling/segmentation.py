@@ -14,7 +14,7 @@ they are.
 """
 
 import math
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -121,7 +121,7 @@ class MaskHead(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(
-        self, features: torch.Tensor, attention: torch.Tensor, fpn_features: List[torch.Tensor]
+        self, features: torch.Tensor, attention: torch.Tensor, fpn_features: list[torch.Tensor]
     ) -> torch.Tensor:
         """
         Args:

@@ -11,8 +11,8 @@ alone, and inference, which uses group 0 only, is plain DETR. The extra embeddin
 
 Shapes: Q plain queries, G groups, Qm one-to-many queries, T = G*Q + Qm, C hidden dim.
 """
+
 import logging
-from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -53,25 +53,33 @@ class TrainingQueries(nn.Module):
 
     def queries(self, plain: torch.Tensor) -> torch.Tensor:
         """[Q, C] plain queries -> [T, C]: group 0 (plain), groups 1..G-1, one-to-many."""
-        parts = [plain] + [e.weight for e in (self.group_embed, self.one_to_many_embed) if e is not None]
+        parts = [plain] + [
+            e.weight for e in (self.group_embed, self.one_to_many_embed) if e is not None
+        ]
         return torch.cat(parts)
 
     def self_attention_mask(self, device: torch.device) -> torch.Tensor:
         """bool [T, T], True where query i may not attend to query j: across groups and between
         the groups and the one-to-many set (a block-diagonal pattern)."""
         set_ids = torch.arange(self.num_groups, device=device).repeat_interleave(self.num_queries)
-        set_ids = torch.cat([set_ids, torch.full((self.num_one_to_many,), self.num_groups, device=device)])
+        set_ids = torch.cat(
+            [set_ids, torch.full((self.num_one_to_many,), self.num_groups, device=device)]
+        )
         return set_ids[:, None] != set_ids[None, :]
 
-    def split(self, outputs: torch.Tensor) -> Dict[str, Optional[torch.Tensor]]:
+    def split(self, outputs: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """Decoder-head outputs [L, N, T, D] -> ``groups`` [L, G*N, Q, D] (group-major along the
         batch, the layout :meth:`SetCriterion.compute` expects) and ``one_to_many``
         [L, N, Qm, D] (None without one-to-many queries)."""
         num_layers, n, _, dim = outputs.shape
         grouped = outputs[:, :, : self.num_groups * self.num_queries]
         grouped = grouped.reshape(num_layers, n, self.num_groups, self.num_queries, dim)
-        grouped = grouped.transpose(1, 2).reshape(num_layers, self.num_groups * n, self.num_queries, dim)
-        one_to_many = outputs[:, :, self.num_groups * self.num_queries :] if self.num_one_to_many else None
+        grouped = grouped.transpose(1, 2).reshape(
+            num_layers, self.num_groups * n, self.num_queries, dim
+        )
+        one_to_many = (
+            outputs[:, :, self.num_groups * self.num_queries :] if self.num_one_to_many else None
+        )
         return {"groups": grouped, "one_to_many": one_to_many}
 
     @torch.no_grad()

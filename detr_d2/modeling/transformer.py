@@ -6,15 +6,15 @@ Sequence-first layout, as ``nn.MultiheadAttention`` expects by default:
 Module and parameter names follow the official implementation, so official checkpoints load
 without renaming the transformer.
 """
+
 import copy
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def _with_pos(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+def _with_pos(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     return x if pos is None else x + pos
 
 
@@ -22,7 +22,9 @@ def _clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
 
 
-def _attention(attn: nn.MultiheadAttention, fp32: bool, query, key, value, **kwargs) -> torch.Tensor:
+def _attention(
+    attn: nn.MultiheadAttention, fp32: bool, query, key, value, **kwargs
+) -> torch.Tensor:
     """``attn(query, key, value, need_weights=False, **kwargs)[0]``; with ``fp32`` inside an
     autocast region, computed in fp32: PyTorch's CPU flash-attention kernel is 1.5-6x slower in
     bf16 than in fp32 on CPUs without AMX (measured in docs/convergence.md)."""
@@ -58,13 +60,15 @@ class TransformerEncoderLayer(nn.Module):
 
     def _attend(self, x, pos, key_padding_mask):
         q = k = _with_pos(x, pos)
-        return _attention(self.self_attn, self.attention_fp32, q, k, x, key_padding_mask=key_padding_mask)
+        return _attention(
+            self.self_attn, self.attention_fp32, q, k, x, key_padding_mask=key_padding_mask
+        )
 
     def _ffn(self, x):
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
 
     def forward(
-        self, src: torch.Tensor, key_padding_mask: Optional[torch.Tensor], pos: Optional[torch.Tensor]
+        self, src: torch.Tensor, key_padding_mask: torch.Tensor | None, pos: torch.Tensor | None
     ) -> torch.Tensor:
         """src, pos: [S, N, C]; key_padding_mask: bool [N, S], True on padding."""
         if self.normalize_before:
@@ -122,10 +126,10 @@ class TransformerDecoderLayer(nn.Module):
         self,
         tgt: torch.Tensor,
         memory: torch.Tensor,
-        memory_key_padding_mask: Optional[torch.Tensor],
-        pos: Optional[torch.Tensor],
-        query_pos: Optional[torch.Tensor],
-        self_attn_mask: Optional[torch.Tensor] = None,
+        memory_key_padding_mask: torch.Tensor | None,
+        pos: torch.Tensor | None,
+        query_pos: torch.Tensor | None,
+        self_attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tgt, query_pos: [Q, N, C]; memory, pos: [S, N, C]; mask: bool [N, S];
         self_attn_mask: bool [Q, Q], True where query i must not attend to query j (training-only
@@ -147,7 +151,7 @@ class TransformerDecoderLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    def __init__(self, layer: nn.Module, num_layers: int, norm: Optional[nn.Module]):
+    def __init__(self, layer: nn.Module, num_layers: int, norm: nn.Module | None):
         super().__init__()
         self.layers = _clones(layer, num_layers)
         self.norm = norm  # only with pre-norm: post-norm layers already end with a LayerNorm
@@ -159,7 +163,9 @@ class TransformerEncoder(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    def __init__(self, layer: nn.Module, num_layers: int, norm: nn.Module, return_intermediate: bool):
+    def __init__(
+        self, layer: nn.Module, num_layers: int, norm: nn.Module, return_intermediate: bool
+    ):
         super().__init__()
         self.layers = _clones(layer, num_layers)
         self.norm = norm
@@ -227,8 +233,8 @@ class Transformer(nn.Module):
         mask: torch.Tensor,
         query_embed: torch.Tensor,
         pos_embed: torch.Tensor,
-        self_attn_mask: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        self_attn_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             src: [N, C, H, W] projected backbone features.

@@ -1,5 +1,6 @@
 """Image files that are missing, unreadable or truncated get errors naming the file and image
 id; grayscale, RGBA, CMYK and EXIF-rotated files load as upright RGB."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,7 +10,9 @@ from detr_d2.data.augmentation import DetrResizeShortestEdge
 
 
 def mapper():
-    return DetrDatasetMapper(is_train=False, augmentations=[DetrResizeShortestEdge([40], 100)], image_format="RGB")
+    return DetrDatasetMapper(
+        is_train=False, augmentations=[DetrResizeShortestEdge([40], 100)], image_format="RGB"
+    )
 
 
 def record(path, height=None, width=None):
@@ -30,7 +33,9 @@ def test_not_an_image_named(tmp_path):
 
 def test_truncated_file_named(tmp_path):
     path = tmp_path / "cut.jpg"
-    Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), dtype=np.uint8)).save(path, quality=95)
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        path, quality=95
+    )
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError, match=r"image id 42: cannot read .*cut.jpg.*truncated"):

@@ -1,4 +1,5 @@
 """Bad COCO-format data gets an error naming the file and the id, or a counted skip."""
+
 import json
 import logging
 
@@ -10,9 +11,19 @@ from detr_d2.data.coco_json import load_coco_detection_json
 
 def coco(**changes):
     data = {
-        "images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 30}, {"id": 2, "file_name": "b.png", "height": 20, "width": 30}],
+        "images": [
+            {"id": 1, "file_name": "a.png", "height": 20, "width": 30},
+            {"id": 2, "file_name": "b.png", "height": 20, "width": 30},
+        ],
         "annotations": [
-            {"id": 10, "image_id": 1, "category_id": 5, "bbox": [1, 2, 3, 4], "iscrowd": 0, "segmentation": [[1, 2, 4, 2, 4, 6]]},
+            {
+                "id": 10,
+                "image_id": 1,
+                "category_id": 5,
+                "bbox": [1, 2, 3, 4],
+                "iscrowd": 0,
+                "segmentation": [[1, 2, 4, 2, 4, 6]],
+            },
             {"id": 11, "image_id": 2, "category_id": 9, "bbox": [0, 0, 10, 10]},
         ],
         "categories": [{"id": 9, "name": "cat"}, {"id": 5, "name": "face"}],
@@ -33,7 +44,10 @@ def test_valid_file_gives_dicts_and_metadata(tmp_path):
     assert records[0]["annotations"][0]["category_id"] == 0  # id 5 -> contiguous 0 (sorted ids)
     assert records[1]["annotations"][0]["category_id"] == 1
     meta = MetadataCatalog.get("cj_valid")
-    assert meta.thing_classes == ["face", "cat"] and meta.thing_dataset_id_to_contiguous_id == {5: 0, 9: 1}
+    assert meta.thing_classes == ["face", "cat"] and meta.thing_dataset_id_to_contiguous_id == {
+        5: 0,
+        9: 1,
+    }
 
 
 @pytest.mark.parametrize(
@@ -43,11 +57,28 @@ def test_valid_file_gives_dicts_and_metadata(tmp_path):
         ({"annotations": []}, r"d.json: missing or invalid 'images' list"),
         (coco(images=[]), r"has no images"),
         (coco(images=[{"id": 1}]), r"image id 1 has no 'file_name' field"),
-        (coco(annotations=[{"id": 7, "image_id": 1, "category_id": 5}]), r"annotation id 7 has no 'bbox' field"),
-        (coco(annotations=[{"id": 7, "image_id": 1, "category_id": 3, "bbox": [0, 0, 1, 1]}]), r"annotation id 7 \(image id 1\) has category_id 3, which is not in 'categories'"),
-        (coco(annotations=[{"id": 7, "image_id": 1, "category_id": 5, "bbox": [0, 0, 1]}]), r"annotation id 7 has bbox \[0, 0, 1\]"),
-        (coco(annotations=[{"id": 7, "image_id": 1, "category_id": 5, "bbox": [0, 0, 1, 1]}] * 2), r"duplicate annotation id 7"),
-        (coco(images=[{"id": 1, "file_name": "a"}, {"id": 1, "file_name": "b"}]), r"duplicate image id 1"),
+        (
+            coco(annotations=[{"id": 7, "image_id": 1, "category_id": 5}]),
+            r"annotation id 7 has no 'bbox' field",
+        ),
+        (
+            coco(annotations=[{"id": 7, "image_id": 1, "category_id": 3, "bbox": [0, 0, 1, 1]}]),
+            r"annotation id 7 \(image id 1\) has category_id 3, which is not in 'categories'",
+        ),
+        (
+            coco(annotations=[{"id": 7, "image_id": 1, "category_id": 5, "bbox": [0, 0, 1]}]),
+            r"annotation id 7 has bbox \[0, 0, 1\]",
+        ),
+        (
+            coco(
+                annotations=[{"id": 7, "image_id": 1, "category_id": 5, "bbox": [0, 0, 1, 1]}] * 2
+            ),
+            r"duplicate annotation id 7",
+        ),
+        (
+            coco(images=[{"id": 1, "file_name": "a"}, {"id": 1, "file_name": "b"}]),
+            r"duplicate image id 1",
+        ),
     ],
 )
 def test_errors_name_file_and_id(tmp_path, data, message):
@@ -66,7 +97,13 @@ def test_counted_skips_and_warnings(tmp_path, caplog):
     data = coco()
     data["annotations"] += [
         {"id": 12, "image_id": 99, "category_id": 5, "bbox": [0, 0, 1, 1]},  # no such image
-        {"id": 13, "image_id": 1, "category_id": 5, "bbox": [25, 15, 10, 10], "segmentation": [[1, 2, 3, 4]]},  # outside, bad polygon
+        {
+            "id": 13,
+            "image_id": 1,
+            "category_id": 5,
+            "bbox": [25, 15, 10, 10],
+            "segmentation": [[1, 2, 3, 4]],
+        },  # outside, bad polygon
     ]
     with caplog.at_level(logging.INFO, logger="detr_d2"):
         records = load_coco_detection_json(write(tmp_path, data), "/imgs", "cj_counts")
@@ -79,6 +116,8 @@ def test_counted_skips_and_warnings(tmp_path, caplog):
 
 def test_no_annotations_is_valid_but_warned(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="detr_d2"):
-        records = load_coco_detection_json(write(tmp_path, coco(annotations=[])), "/imgs", "cj_negatives")
+        records = load_coco_detection_json(
+            write(tmp_path, coco(annotations=[])), "/imgs", "cj_negatives"
+        )
     assert len(records) == 2 and all(r["annotations"] == [] for r in records)
     assert "has no annotations at all" in caplog.text

@@ -5,15 +5,25 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from helpers import tiny_cfg
 from detr_d2.data import drop_degenerate_boxes, register_datasets_from_cfg
+
+from helpers import tiny_cfg
 
 
 def write_coco(tmp_path):
     (tmp_path / "images").mkdir()
     coco = {
         "images": [{"id": 1, "file_name": "a.png", "height": 10, "width": 10}],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [1, 1, 3, 3], "area": 9, "iscrowd": 0}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 7,
+                "bbox": [1, 1, 3, 3],
+                "area": 9,
+                "iscrowd": 0,
+            }
+        ],
         "categories": [{"id": 7, "name": "face"}],
     }
     (tmp_path / "train.json").write_text(json.dumps(coco))
@@ -37,9 +47,21 @@ def test_register_from_cfg_and_reregister_is_noop(tmp_path):
 @pytest.mark.parametrize(
     "entry,error,message",
     [
-        (["x_missing_json", "{tmp}/nope.json", "{tmp}/images"], FileNotFoundError, r"DATASETS.REGISTER_COCO\[0\] \('x_missing_json'\): annotation file not found: .*nope.json"),
-        (["x_missing_root", "{tmp}/train.json", "{tmp}/nope"], FileNotFoundError, r"image folder not found: .*nope"),
-        (["only_two", "{tmp}/train.json"], ValueError, r"DATASETS.REGISTER_COCO\[0\] must be \[name, json_file, image_root\]"),
+        (
+            ["x_missing_json", "{tmp}/nope.json", "{tmp}/images"],
+            FileNotFoundError,
+            r"DATASETS.REGISTER_COCO\[0\] \('x_missing_json'\): annotation file not found: .*nope.json",
+        ),
+        (
+            ["x_missing_root", "{tmp}/train.json", "{tmp}/nope"],
+            FileNotFoundError,
+            r"image folder not found: .*nope",
+        ),
+        (
+            ["only_two", "{tmp}/train.json"],
+            ValueError,
+            r"DATASETS.REGISTER_COCO\[0\] must be \[name, json_file, image_root\]",
+        ),
     ],
 )
 def test_register_errors_name_key_and_path(tmp_path, entry, error, message):

@@ -7,12 +7,10 @@ import json
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data import transforms as T
+from detectron2.data import DatasetCatalog, MetadataCatalog, transforms as T
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from helpers import tiny_cfg
 from detr_d2.data import (
     DetrDatasetMapper,
     coco_class_rows,
@@ -21,6 +19,8 @@ from detr_d2.data import (
 )
 from detr_d2.data.panoptic import rgb2id
 from detr_d2.data.samples.panoptic import CATEGORIES, generate_panoptic_dataset
+
+from helpers import tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -259,5 +259,7 @@ def test_png_ids_must_match_segments_info(registered, change):
     else:  # a listed segment that the PNG does not contain
         record["segments_info"].append(dict(record["segments_info"][0], id=123456))
         expected = r"ids only in the PNG \[\], only in segments_info \[123456\]"
-    with pytest.raises(ValueError, match=rf"image id {record['image_id']}: panoptic PNG .*{expected}"):
+    with pytest.raises(
+        ValueError, match=rf"image id {record['image_id']}: panoptic PNG .*{expected}"
+    ):
         mapper(cfg, [])(record)

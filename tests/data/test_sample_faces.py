@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List
 
 import numpy as np
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from helpers import load_tool
 from detr_d2.data.samples.faces import EMPTY_EVERY, generate_face_dataset
+
+from helpers import load_tool
 
 NUM_TRAIN, NUM_VAL, SEED = EMPTY_EVERY, 4, 3
 
 
-def _files(root: Path) -> Dict[str, bytes]:
+def _files(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` by relative path, with its bytes."""
     files = sorted(p for p in root.rglob("*") if p.is_file())
     return {str(p.relative_to(root)): p.read_bytes() for p in files}
@@ -87,7 +87,7 @@ def test_boxes_and_polygons(dataset: Path, split: str) -> None:
         assert points[:, 0].min() == pytest.approx(x) and points[:, 1].max() == pytest.approx(y + h)
 
 
-def _iou(a: List[float], b: List[float]) -> float:
+def _iou(a: list[float], b: list[float]) -> float:
     iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
     ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
     if iw <= 0 or ih <= 0:

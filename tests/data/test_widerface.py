@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Tuple
 
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from helpers import load_tool
 from detr_d2.data.widerface import parse_widerface_gt, widerface_to_coco
 
+from helpers import load_tool
 
 # Same layout as wider_face_train_bbx_gt.txt. Image sizes are set up in the `wider` fixture.
 GT = """\
@@ -39,7 +38,7 @@ SIZES = {
 
 
 @pytest.fixture()
-def wider(tmp_path: Path) -> Tuple[Path, Path]:
+def wider(tmp_path: Path) -> tuple[Path, Path]:
     """(gt file, image root) with tiny images of the sizes above."""
     gt = tmp_path / "wider_face_train_bbx_gt.txt"
     gt.write_text(GT)
@@ -50,7 +49,7 @@ def wider(tmp_path: Path) -> Tuple[Path, Path]:
     return gt, root
 
 
-def test_parse(wider: Tuple[Path, Path]) -> None:
+def test_parse(wider: tuple[Path, Path]) -> None:
     blocks = parse_widerface_gt(wider[0])
     assert [b["file_name"] for b in blocks] == list(SIZES)
     assert [len(b["faces"]) for b in blocks] == [1, 0, 5]
@@ -69,7 +68,7 @@ def test_zero_face_block_without_placeholder(tmp_path: Path) -> None:
     assert [(b["file_name"], len(b["faces"])) for b in blocks] == [("a/x.jpg", 0), ("b/y.jpg", 1)]
 
 
-def test_convert(wider: Tuple[Path, Path], tmp_path: Path) -> None:
+def test_convert(wider: tuple[Path, Path], tmp_path: Path) -> None:
     coco_dict, stats = widerface_to_coco(*wider)
     assert stats == {
         "images": 3,
@@ -99,7 +98,14 @@ def test_convert(wider: Tuple[Path, Path], tmp_path: Path) -> None:
         assert w > 0 and h > 0 and x + w <= img["width"] and y + h <= img["height"]
         assert ann["area"] == pytest.approx(w * h)
         assert ann["category_id"] == 1 and ann["iscrowd"] == 0
-        assert set(ann["attributes"]) == {"blur", "expression", "illumination", "invalid", "occlusion", "pose"}
+        assert set(ann["attributes"]) == {
+            "blur",
+            "expression",
+            "illumination",
+            "invalid",
+            "occlusion",
+            "pose",
+        }
     first = coco.loadAnns(coco.getAnnIds(imgIds=[crowd]))[0]
     assert first["attributes"]["blur"] == 2 and first["attributes"]["pose"] == 2
 
@@ -112,7 +118,7 @@ def test_face_outside_image_dropped(tmp_path: Path) -> None:
     assert coco["annotations"] == [] and stats["faces_dropped_outside_image"] == 1
 
 
-def test_missing_image(wider: Tuple[Path, Path]) -> None:
+def test_missing_image(wider: tuple[Path, Path]) -> None:
     gt, root = wider
     (root / "0--Parade/0_Parade_Parade_0_904.jpg").unlink()
     with pytest.raises(FileNotFoundError, match="0_Parade_Parade_0_904.jpg"):
@@ -123,7 +129,7 @@ def test_missing_image(wider: Tuple[Path, Path]) -> None:
     assert {a["image_id"] for a in coco["annotations"]} == {1, 2}
 
 
-def test_unreadable_image(wider: Tuple[Path, Path]) -> None:
+def test_unreadable_image(wider: tuple[Path, Path]) -> None:
     gt, root = wider
     (root / "0--Parade/0_Parade_Parade_0_904.jpg").write_bytes(b"not an image")
     with pytest.raises(OSError, match="0_Parade_Parade_0_904.jpg"):
@@ -157,7 +163,7 @@ def test_malformed(tmp_path: Path, text: str, line: int) -> None:
         parse_widerface_gt(gt)
 
 
-def test_tool_entry_point(wider: Tuple[Path, Path], tmp_path: Path) -> None:
+def test_tool_entry_point(wider: tuple[Path, Path], tmp_path: Path) -> None:
     tool = load_tool("widerface_to_coco")
     out = tmp_path / "out" / "train.json"
     assert tool.main(["--gt", str(wider[0]), "--images", str(wider[1]), "--out", str(out)]) == 0

@@ -1,4 +1,5 @@
 """tools/benchmark.py (detr_d2.dev.benchmark) writes a complete record for every task."""
+
 import json
 
 import pytest
@@ -8,7 +9,9 @@ from helpers import CONFIGS, load_tool, sample_face_opts
 
 @pytest.fixture(scope="module")
 def bench_data(tmp_path_factory):
-    return sample_face_opts(tmp_path_factory.mktemp("faces"), "faces_bench", num_train=8, num_val=4, seed=6)
+    return sample_face_opts(
+        tmp_path_factory.mktemp("faces"), "faces_bench", num_train=8, num_val=4, seed=6
+    )
 
 
 @pytest.mark.parametrize("task", ["inference", "train", "data", "eval"])
@@ -17,16 +20,37 @@ def test_benchmark_tool_writes_a_complete_record(task, bench_data, tmp_path, cap
     benchmark = load_tool("benchmark")
     output = tmp_path / f"{task}.json"
     args = [
-        "--config-file", str(CONFIGS / "quick_schedules" / "detr_face_sample_instant_test.yaml"),
-        "--task", task, "--warmup", "1", "--iters", "2", "--loader-batches", "2",
-        "--output", str(output), "--input", "dataset" if task == "train" else "synthetic",
-        *data, "OUTPUT_DIR", str(tmp_path / "out"),
+        "--config-file",
+        str(CONFIGS / "quick_schedules" / "detr_face_sample_instant_test.yaml"),
+        "--task",
+        task,
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--loader-batches",
+        "2",
+        "--output",
+        str(output),
+        "--input",
+        "dataset" if task == "train" else "synthetic",
+        *data,
+        "OUTPUT_DIR",
+        str(tmp_path / "out"),
     ]
     if task == "inference":
         args[-2:-2] = ["TEST.PRECISION", "bf16"]
     benchmark.main(args)
     record = json.loads(output.read_text())
-    for key in ("device", "device_name", "torch_threads", "torch", "detectron2", "test_precision", "peak_rss_mib"):
+    for key in (
+        "device",
+        "device_name",
+        "torch_threads",
+        "torch",
+        "detectron2",
+        "test_precision",
+        "peak_rss_mib",
+    ):
         assert key in record, key
     if task == "data":
         assert record["mapper_one_worker"]["images_per_second"] > 0

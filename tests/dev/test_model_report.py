@@ -6,15 +6,16 @@ import logging
 import pytest
 import torch
 
-from helpers import CONFIGS, build_model_no_weights, make_cfg, tiny_cfg
 from detr_d2.dev import model_report as report_module
 from detr_d2.dev.model_report import (
     count_flops,
+    flops_image_size,
     log_model_report,
     model_report,
     parameter_counts,
-    flops_image_size,
 )
+
+from helpers import CONFIGS, build_model_no_weights, make_cfg, tiny_cfg
 
 
 @pytest.fixture(scope="module")

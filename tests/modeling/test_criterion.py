@@ -12,7 +12,9 @@ BASE = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
 
 
 def make_criterion(num_classes=2, num_aux=0):
-    return SetCriterion(num_classes, HungarianMatcher(), build_weight_dict(BASE, num_aux), eos_coef=0.1)
+    return SetCriterion(
+        num_classes, HungarianMatcher(), build_weight_dict(BASE, num_aux), eos_coef=0.1
+    )
 
 
 def test_hand_computed_losses():
@@ -20,7 +22,9 @@ def test_hand_computed_losses():
     logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1]]])
     targets = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.4]])}]
-    losses, metrics, indices = make_criterion().compute({"pred_logits": logits, "pred_boxes": boxes}, targets)
+    losses, metrics, indices = make_criterion().compute(
+        {"pred_logits": logits, "pred_boxes": boxes}, targets
+    )
     assert indices[0][0][0].tolist() == [0]
     # weighted CE: query 0 -> class 0 (weight 1), query 1 -> no-object (weight 0.1)
     log_p = F.log_softmax(logits[0], -1)
@@ -49,7 +53,9 @@ def test_paired_giou_equals_diagonal():
     g = torch.Generator().manual_seed(0)
     a = box_cxcywh_to_xyxy(torch.rand(30, 4, generator=g) * 0.5 + 0.1)
     b = box_cxcywh_to_xyxy(torch.rand(30, 4, generator=g) * 0.5 + 0.1)
-    assert torch.allclose(paired_generalized_box_iou(a, b), torch.diag(generalized_box_iou(a, b)), atol=1e-6)
+    assert torch.allclose(
+        paired_generalized_box_iou(a, b), torch.diag(generalized_box_iou(a, b)), atol=1e-6
+    )
 
 
 def test_empty_targets_everything_is_no_object():
@@ -68,9 +74,20 @@ def test_empty_targets_everything_is_no_object():
 
 def test_forward_weights_aux_terms_and_logs_diagnostics():
     g = torch.Generator().manual_seed(1)
-    layer = lambda: {"pred_logits": torch.randn(1, 5, 3, generator=g), "pred_boxes": torch.rand(1, 5, 4, generator=g) * 0.5 + 0.2}  # noqa: E731
+
+    def layer():
+        return {
+            "pred_logits": torch.randn(1, 5, 3, generator=g),
+            "pred_boxes": torch.rand(1, 5, 4, generator=g) * 0.5 + 0.2,
+        }
+
     outputs = dict(layer(), aux_outputs=[layer(), layer()])
-    targets = [{"labels": torch.tensor([0, 1]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])}]
+    targets = [
+        {
+            "labels": torch.tensor([0, 1]),
+            "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]]),
+        }
+    ]
     criterion = make_criterion(num_aux=2)
     raw, _, _ = criterion.compute(outputs, targets)
     with EventStorage() as storage:
@@ -78,7 +95,9 @@ def test_forward_weights_aux_terms_and_logs_diagnostics():
         logged = storage.latest()
     assert set(weighted) == {f"{k}{s}" for k in BASE for s in ("", "_0", "_1")}
     for key, value in weighted.items():
-        assert value.item() == pytest.approx(raw[key].item() * BASE[key.rsplit("_", 1)[0] if key[-1].isdigit() else key])
+        assert value.item() == pytest.approx(
+            raw[key].item() * BASE[key.rsplit("_", 1)[0] if key[-1].isdigit() else key]
+        )
     assert "class_error" in logged and "cardinality_error" in logged
     assert not any(k.startswith(("class_error", "cardinality")) for k in weighted)
 

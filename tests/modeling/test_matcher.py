@@ -18,7 +18,9 @@ def test_batched_equals_per_image():
     logits, boxes, gt_classes, gt_boxes = random_batch(4, 20, 5, [3, 0, 7, 1])
     batched = matcher(logits, boxes, gt_classes, gt_boxes)
     for i in range(4):
-        (single,) = matcher(logits[i : i + 1], boxes[i : i + 1], gt_classes[i : i + 1], gt_boxes[i : i + 1])
+        (single,) = matcher(
+            logits[i : i + 1], boxes[i : i + 1], gt_classes[i : i + 1], gt_boxes[i : i + 1]
+        )
         assert torch.equal(batched[i][0], single[0]) and torch.equal(batched[i][1], single[1])
 
 
@@ -27,10 +29,15 @@ def test_all_layers_at_once_equal_layer_by_layer():
     layers = [random_batch(3, 12, 4, [2, 0, 5], seed=s) for s in range(4)]
     gt_classes, gt_boxes = layers[0][2], layers[0][3]
     together = matcher.match_layers(
-        torch.stack([b[0] for b in layers]), torch.stack([b[1] for b in layers]), gt_classes, gt_boxes
+        torch.stack([b[0] for b in layers]),
+        torch.stack([b[1] for b in layers]),
+        gt_classes,
+        gt_boxes,
     )
     for (logits, boxes, _, _), indices in zip(layers, together):
-        for (src, tgt), (ref_src, ref_tgt) in zip(indices, matcher(logits, boxes, gt_classes, gt_boxes)):
+        for (src, tgt), (ref_src, ref_tgt) in zip(
+            indices, matcher(logits, boxes, gt_classes, gt_boxes)
+        ):
             assert torch.equal(src, ref_src) and torch.equal(tgt, ref_tgt)
 
 

@@ -11,6 +11,9 @@ import math
 import pytest
 import torch
 
+from detr_d2.data import coco_class_rows
+from detr_d2.engine import build_checkpointer
+
 from helpers import (
     assert_close,
     build_model_no_weights,
@@ -20,8 +23,6 @@ from helpers import (
     reference_inputs,
     reference_targets,
 )
-from detr_d2.data import coco_class_rows
-from detr_d2.engine import build_checkpointer
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,23 @@
 The model is built from the YAML configs and loaded from an upstream-format file through
 MODEL.WEIGHTS and the checkpointer, the same path a user takes.
 """
+
 import math
 
 import pytest
 import torch
 from detectron2.utils.events import EventStorage
 
-from helpers import assert_close, build_model_no_weights, cfg_for_manifest, load_reference, make_upstream_checkpoint, reference_inputs
 from detr_d2.engine import build_checkpointer
+
+from helpers import (
+    assert_close,
+    build_model_no_weights,
+    cfg_for_manifest,
+    load_reference,
+    make_upstream_checkpoint,
+    reference_inputs,
+)
 
 VARIANTS = ["r50", "r50_dc5"]
 
@@ -18,14 +27,21 @@ VARIANTS = ["r50", "r50_dc5"]
 @pytest.fixture(scope="module", params=VARIANTS)
 def run(request, tmp_path_factory):
     expected, manifest = load_reference(request.param)
-    path = make_upstream_checkpoint(manifest, expected["args"]["seed"], tmp_path_factory.mktemp("ckpt") / "upstream.pth")
+    path = make_upstream_checkpoint(
+        manifest, expected["args"]["seed"], tmp_path_factory.mktemp("ckpt") / "upstream.pth"
+    )
     cfg = cfg_for_manifest(manifest["model"])
     cfg.MODEL.WEIGHTS = str(path)
     model = build_model_no_weights(cfg)
     build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
     model.eval()
     inputs = reference_inputs(expected)
-    return {"expected": expected, "model": model, "inputs": inputs, "raw": model.predict_raw(inputs)}
+    return {
+        "expected": expected,
+        "model": model,
+        "inputs": inputs,
+        "raw": model.predict_raw(inputs),
+    }
 
 
 def test_input_checksum(run):
@@ -64,9 +80,13 @@ def test_losses_and_matching(run):
     losses, metrics, indices = criterion.compute(expected["outputs"], expected["targets"])
     for key, value in expected["losses"].items():
         if key.startswith("loss_"):
-            assert abs(losses[key].item() - value) <= 1e-4, f"{key}: {losses[key].item()} vs {value}"
+            assert abs(losses[key].item() - value) <= 1e-4, (
+                f"{key}: {losses[key].item()} vs {value}"
+            )
     assert metrics["class_error"] == pytest.approx(expected["losses"]["class_error"], abs=1e-4)
-    assert metrics["cardinality_error"] == pytest.approx(expected["losses"]["cardinality_error"], abs=1e-4)
+    assert metrics["cardinality_error"] == pytest.approx(
+        expected["losses"]["cardinality_error"], abs=1e-4
+    )
     assert set(losses) == {k for k in expected["losses"] if k.startswith("loss_")}
     for layer, ref in zip(indices, [expected["matcher_indices"]] + expected["aux_matcher_indices"]):
         for (src, tgt), (ref_src, ref_tgt) in zip(layer, ref):

@@ -9,11 +9,12 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detectron2.utils.events import EventStorage
 
-from helpers import build_model_no_weights, segm_cfg, tiny_cfg
 from detr_d2.modeling.criterion import SetCriterion, build_weight_dict
 from detr_d2.modeling.matcher import HungarianMatcher
 from detr_d2.modeling.segmentation import MaskAttentionMap, MaskHead, dice_loss, sigmoid_focal_loss
 from detr_d2.solver import build_detr_optimizer
+
+from helpers import build_model_no_weights, segm_cfg, tiny_cfg
 
 MASK_PARAMS = ("bbox_attention.", "mask_head.")
 

@@ -1,5 +1,6 @@
 """Training-only convergence aids: query groups, one-to-many queries, sigmoid class losses, the
 dense head and the weight EMA. Inference must stay plain DETR."""
+
 import itertools
 
 import pytest
@@ -7,7 +8,6 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.events import EventStorage
 
-from helpers import build_model_no_weights, tiny_cfg
 from detr_d2.dev.benchmark import synthetic_batch
 from detr_d2.ema import WeightEMA
 from detr_d2.engine import build_step_trainer
@@ -17,6 +17,8 @@ from detr_d2.modeling.inference_graph import inference_model
 from detr_d2.modeling.matcher import HungarianMatcher
 from detr_d2.modeling.training_queries import TrainingQueries
 from detr_d2.solver import build_detr_optimizer
+
+from helpers import build_model_no_weights, tiny_cfg
 
 ACCELERATED = dict(GROUPS=3, CLASS_LOSS="ia_bce")
 
@@ -56,8 +58,12 @@ def test_group_zero_computes_what_plain_detr_computes():
         regrouped = model.forward_heads(images)
     n = len(images)
     for outputs in (grouped, regrouped):  # ... group 0 does not
-        torch.testing.assert_close(outputs["pred_logits"][:n], reference["pred_logits"], atol=1e-5, rtol=0)
-        torch.testing.assert_close(outputs["pred_boxes"][:n], reference["pred_boxes"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            outputs["pred_logits"][:n], reference["pred_logits"], atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(
+            outputs["pred_boxes"][:n], reference["pred_boxes"], atol=1e-5, rtol=0
+        )
         assert outputs["pred_logits"].shape[0] == 3 * n
         assert outputs["one_to_many"]["pred_logits"].shape[:2] == (n, 12)
     assert not torch.allclose(grouped["pred_logits"][n:], regrouped["pred_logits"][n:])
@@ -66,21 +72,38 @@ def test_group_zero_computes_what_plain_detr_computes():
 def test_each_group_is_matched_one_to_one_on_its_own():
     torch.manual_seed(0)
     n, groups, queries = 2, 3, 5
-    logits, boxes = torch.randn(groups * n, queries, 4), torch.rand(groups * n, queries, 4) * 0.5 + 0.25
+    logits, boxes = (
+        torch.randn(groups * n, queries, 4),
+        torch.rand(groups * n, queries, 4) * 0.5 + 0.25,
+    )
     targets = [
-        {"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]])},
+        {
+            "labels": torch.tensor([0, 2]),
+            "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.3, 0.2]]),
+        },
         {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
     ]
     matcher = HungarianMatcher()
-    criterion = SetCriterion(3, matcher, build_weight_dict({"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}, 0), 0.1)
-    _, _, (indices,) = criterion.compute({"pred_logits": logits, "pred_boxes": boxes}, targets, num_groups=groups)
+    criterion = SetCriterion(
+        3, matcher, build_weight_dict({"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}, 0), 0.1
+    )
+    _, _, (indices,) = criterion.compute(
+        {"pred_logits": logits, "pred_boxes": boxes}, targets, num_groups=groups
+    )
     assert len(indices) == groups * n
     for g in range(groups):
         for i, target in enumerate(targets):
             pred_idx, gt_idx = indices[g * n + i]
-            alone = matcher(logits[g * n + i][None], boxes[g * n + i][None], [target["labels"]], [target["boxes"]])[0]
+            alone = matcher(
+                logits[g * n + i][None],
+                boxes[g * n + i][None],
+                [target["labels"]],
+                [target["boxes"]],
+            )[0]
             assert torch.equal(pred_idx, alone[0]) and torch.equal(gt_idx, alone[1])
-            assert len(pred_idx) == len(set(pred_idx.tolist())) == min(queries, len(target["labels"]))
+            assert (
+                len(pred_idx) == len(set(pred_idx.tolist())) == min(queries, len(target["labels"]))
+            )
 
 
 def test_group_losses_are_the_mean_over_groups():
@@ -92,7 +115,9 @@ def test_group_losses_are_the_mean_over_groups():
         criterion = SetCriterion(3, HungarianMatcher(), {}, 0.1, class_loss=class_loss)
         plain, _, _ = criterion.compute({"pred_logits": logits, "pred_boxes": boxes}, targets)
         tripled, _, _ = criterion.compute(
-            {"pred_logits": logits.repeat(3, 1, 1), "pred_boxes": boxes.repeat(3, 1, 1)}, targets, num_groups=3
+            {"pred_logits": logits.repeat(3, 1, 1), "pred_boxes": boxes.repeat(3, 1, 1)},
+            targets,
+            num_groups=3,
         )
         for key, value in plain.items():
             torch.testing.assert_close(tripled[key], value, rtol=1e-5, atol=1e-6)
@@ -106,21 +131,31 @@ def test_focal_and_ia_bce_class_losses_by_hand():
     indices = [(torch.tensor([0]), torch.tensor([0]))]
     p = torch.sigmoid(torch.tensor([2.0, -1.0]))
     alpha, gamma = 0.25, 2.0
-    focal = alpha * (1 - p[0]) ** gamma * -torch.log(p[0]) + (1 - alpha) * p[1] ** gamma * -torch.log(1 - p[1])
+    focal = alpha * (1 - p[0]) ** gamma * -torch.log(p[0]) + (1 - alpha) * p[
+        1
+    ] ** gamma * -torch.log(1 - p[1])
     criterion = SetCriterion(1, HungarianMatcher(class_cost="focal"), {}, 0.1, class_loss="focal")
-    loss = criterion.loss_labels({"pred_logits": logits, "pred_boxes": boxes}, targets, indices, 1.0)["loss_ce"]
+    loss = criterion.loss_labels(
+        {"pred_logits": logits, "pred_boxes": boxes}, targets, indices, 1.0
+    )["loss_ce"]
     torch.testing.assert_close(loss, focal, rtol=1e-5, atol=1e-6)
     t = p[0] ** alpha  # IoU 1
-    ia_bce = -t * torch.log(p[0]) - (1 - t) * torch.log(1 - p[0]) - p[1] ** gamma * torch.log(1 - p[1])
+    ia_bce = (
+        -t * torch.log(p[0]) - (1 - t) * torch.log(1 - p[0]) - p[1] ** gamma * torch.log(1 - p[1])
+    )
     criterion.class_loss = "ia_bce"
-    loss = criterion.loss_labels({"pred_logits": logits, "pred_boxes": boxes}, targets, indices, 1.0)["loss_ce"]
+    loss = criterion.loss_labels(
+        {"pred_logits": logits, "pred_boxes": boxes}, targets, indices, 1.0
+    )["loss_ce"]
     torch.testing.assert_close(loss, ia_bce, rtol=1e-5, atol=1e-6)
 
 
 def test_focal_matching_cost_prefers_the_confident_query():
     logits = torch.tensor([[[3.0, 0.0], [-3.0, 0.0]]])
     boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2]]])  # same box: class decides
-    ((pred_idx, _),) = HungarianMatcher(class_cost="focal")(logits, boxes, [torch.tensor([0])], [boxes[0, :1]])
+    ((pred_idx, _),) = HungarianMatcher(class_cost="focal")(
+        logits, boxes, [torch.tensor([0])], [boxes[0, :1]]
+    )
     assert pred_idx.tolist() == [0]
 
 
@@ -128,7 +163,9 @@ def test_dense_head_assigns_centre_locations_to_the_smallest_box():
     head = DenseAuxHead(channels=8, num_classes=2)
     stride = 16.0
     xs = (torch.arange(4) + 0.5) * stride
-    points = torch.stack(torch.meshgrid(xs, xs, indexing="xy"), -1).reshape(-1, 2)  # 4x4 grid, 64 px
+    points = torch.stack(torch.meshgrid(xs, xs, indexing="xy"), -1).reshape(
+        -1, 2
+    )  # 4x4 grid, 64 px
     big = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
     small = torch.tensor([[20.0, 20.0, 30.0, 30.0]])  # contains no location centre
     assigned = head._assign(points, torch.cat([big, small]), stride)
@@ -138,8 +175,12 @@ def test_dense_head_assigns_centre_locations_to_the_smallest_box():
     assert (assigned == -1).sum() == 12
     cls_logits, distances = head(torch.randn(1, 8, 4, 4))
     losses = head.losses(
-        cls_logits, distances, torch.zeros(1, 4, 4, dtype=torch.bool),
-        [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 1.0, 1.0]])}], [(64, 64)], stride,
+        cls_logits,
+        distances,
+        torch.zeros(1, 4, 4, dtype=torch.bool),
+        [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 1.0, 1.0]])}],
+        [(64, 64)],
+        stride,
     )
     assert all(torch.isfinite(v) for v in losses.values())
 
@@ -192,7 +233,9 @@ def test_bf16_training_with_all_aids_learns(class_loss):
     cfg.SOLVER.AMP.ENABLED = True
     cfg.SOLVER.AMP.PRECISION = "bf16"
     model = build_model_no_weights(cfg).train()
-    trainer = build_step_trainer(cfg, model, itertools.cycle([batch()]), build_detr_optimizer(cfg, model))
+    trainer = build_step_trainer(
+        cfg, model, itertools.cycle([batch()]), build_detr_optimizer(cfg, model)
+    )
     totals = []
     with EventStorage(0) as storage:
         for _ in range(10):

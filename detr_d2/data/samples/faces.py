@@ -13,8 +13,9 @@ import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -23,7 +24,13 @@ from .generated import PARAMS_FILE, generate_splits_once
 
 # Face, rgb, ellipse_points and SUPERSAMPLE are shared with the panoptic scene generator.
 __all__ = [
-    "generate_face_dataset", "render_image", "CATEGORIES", "GENERATOR_VERSION", "SUPERSAMPLE", "Face", "ellipse_points",
+    "generate_face_dataset",
+    "render_image",
+    "CATEGORIES",
+    "GENERATOR_VERSION",
+    "SUPERSAMPLE",
+    "Face",
+    "ellipse_points",
     "rgb",
 ]
 
@@ -75,17 +82,17 @@ HAIR_COLOURS = (
     (176, 140, 80),
 )
 
-Point = Tuple[float, float]
-Box = Tuple[float, float, float, float]  # x0, y0, x1, y1
+Point = tuple[float, float]
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1
 
 
-def rgb(values: Sequence[float]) -> Tuple[int, int, int]:
+def rgb(values: Sequence[float]) -> tuple[int, int, int]:
     """Clip to 0..255 ints (PIL wants plain ints)."""
     r, g, b = (int(min(255, max(0, round(float(v))))) for v in values)
     return r, g, b
 
 
-def _non_skin_colour(rng: np.random.Generator) -> Tuple[int, int, int]:
+def _non_skin_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     """A background/clutter colour never mistaken for skin: grey, or a hue far from orange."""
     if rng.random() < 0.25:
         sat = rng.uniform(0.0, 0.1)
@@ -97,7 +104,7 @@ def _non_skin_colour(rng: np.random.Generator) -> Tuple[int, int, int]:
     return rgb(255.0 * np.array(colorsys.hsv_to_rgb(hue, sat, val)))
 
 
-def _mix(a: Sequence[float], b: Sequence[float], t: float) -> Tuple[int, int, int]:
+def _mix(a: Sequence[float], b: Sequence[float], t: float) -> tuple[int, int, int]:
     """Linear blend of two colours (t = weight of b)."""
     return rgb([(1.0 - t) * x + t * y for x, y in zip(a, b)])
 
@@ -146,7 +153,9 @@ def _draw_clutter(
             draw.polygon([tuple(p) for p in pts], fill=colour)
 
 
-def ellipse_points(cx: float, cy: float, rx: float, ry: float, n: int = ELLIPSE_POINTS) -> np.ndarray:
+def ellipse_points(
+    cx: float, cy: float, rx: float, ry: float, n: int = ELLIPSE_POINTS
+) -> np.ndarray:
     """Polygon (n x 2) of an axis-aligned ellipse in face-local coordinates."""
     t = np.linspace(0.0, 2.0 * math.pi, n, endpoint=False)
     return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
@@ -215,7 +224,7 @@ class Face:
         rot = self.rotation()
         offset = np.asarray(centre, dtype=np.float64)
 
-        def pts(local: np.ndarray) -> List[Point]:
+        def pts(local: np.ndarray) -> list[Point]:
             world = (local @ rot.T + offset) * s
             return [(float(x), float(y)) for x, y in world]
 
@@ -269,7 +278,9 @@ class Face:
         lips = _mix((150, 40, 50), self.skin, rng.uniform(0.0, 0.3))
         kind = rng.random()
         if kind < 0.25:
-            draw.polygon(pts(ellipse_points(0.0, my, 0.7 * mw, rng.uniform(0.05, 0.1) * ry)), fill=lips)
+            draw.polygon(
+                pts(ellipse_points(0.0, my, 0.7 * mw, rng.uniform(0.05, 0.1) * ry)), fill=lips
+            )
         else:
             curve = rng.uniform(0.04, 0.14) * ry if kind < 0.75 else rng.uniform(-0.02, 0.02) * ry
             x = np.linspace(-mw, mw, 12)
@@ -303,7 +314,7 @@ def _clip_polygon(points: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.round(clipped, 2)
 
 
-def render_image(rng: np.random.Generator, empty: bool) -> Tuple[Image.Image, List[np.ndarray]]:
+def render_image(rng: np.random.Generator, empty: bool) -> tuple[Image.Image, list[np.ndarray]]:
     """Draw one image; return it and the clipped outline polygon (N x 2) of every face."""
     width = int(rng.integers(MIN_SIDE, MAX_SIDE + 1))
     height = int(rng.integers(MIN_SIDE, MAX_SIDE + 1))
@@ -316,8 +327,8 @@ def render_image(rng: np.random.Generator, empty: bool) -> Tuple[Image.Image, Li
 
     num_faces = 0 if empty else int(rng.choice(np.arange(1, 5), p=FACE_COUNT_PROBS))
     max_height = min(MAX_FACE_HEIGHT, 0.75 * min(width, height))
-    placed: List[Box] = []
-    polygons: List[np.ndarray] = []
+    placed: list[Box] = []
+    polygons: list[np.ndarray] = []
     for _ in range(num_faces):
         for attempt in range(PLACEMENT_TRIES):
             # Later attempts try smaller faces so that crowded images still fit their faces.
@@ -346,7 +357,7 @@ def render_image(rng: np.random.Generator, empty: bool) -> Tuple[Image.Image, Li
     return image, polygons
 
 
-def _annotation(ann_id: int, image_id: int, polygon: np.ndarray) -> Dict[str, Any]:
+def _annotation(ann_id: int, image_id: int, polygon: np.ndarray) -> dict[str, Any]:
     """COCO annotation of one face; the box is the tight box of its (clipped) outline polygon."""
     x0, y0 = (float(v) for v in polygon.min(axis=0))
     x1, y1 = (float(v) for v in polygon.max(axis=0))
@@ -362,12 +373,12 @@ def _annotation(ann_id: int, image_id: int, polygon: np.ndarray) -> Dict[str, An
     }
 
 
-def _generate_split(out_dir: Path, split: str, num_images: int, seed: int) -> Dict[str, int]:
+def _generate_split(out_dir: Path, split: str, num_images: int, seed: int) -> dict[str, int]:
     """Render one split to ``out_dir/split/*.png`` and ``out_dir/split.json``; return counts."""
     image_dir = out_dir / split
     image_dir.mkdir(parents=True, exist_ok=True)
-    images: List[Dict[str, Any]] = []
-    annotations: List[Dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     empty_images = 0
     for index in range(num_images):
         # One generator per image: images do not depend on each other nor on the split sizes.
@@ -412,14 +423,13 @@ def _remove_previous(out_dir: Path) -> None:
                     path.unlink()
 
 
-
 def generate_face_dataset(
-    out_dir: Union[str, Path],
+    out_dir: str | Path,
     num_train: int = 400,
     num_val: int = 60,
     seed: int = 0,
     force: bool = False,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Write ``train.json``, ``val.json``, ``train/*.png``, ``val/*.png`` under ``out_dir``.
 
     Skipped (quickly) when ``out_dir`` already holds a complete run with the same parameters,

@@ -1,16 +1,18 @@
 """Bookkeeping shared by the sample-data generators: regenerate only when the parameters change."""
+
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 PARAMS_FILE = "params.json"
 
 
-def _read_params(out_dir: Path) -> Optional[Dict[str, Any]]:
+def _read_params(out_dir: Path) -> dict[str, Any] | None:
     """The stored record of a completed earlier run, or None."""
     try:
         with open(out_dir / PARAMS_FILE) as f:
@@ -29,9 +31,9 @@ def generate_splits_once(
     seed: int,
     marker_files: Sequence[str],
     remove_previous: Callable[[Path], None],
-    generate_split: Callable[[Path, str, int, int], Dict[str, int]],
+    generate_split: Callable[[Path, str, int, int], dict[str, int]],
     force: bool,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Run ``generate_split(out_dir, split, num_images, seed)`` for the train and val splits,
     unless ``out_dir`` already holds a complete run (``marker_files`` present, same generator
     version, counts and seed) and not ``force``.
@@ -57,7 +59,9 @@ def generate_splits_once(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_previous(out_dir)
-    counts = {split: generate_split(out_dir, split, n, int(seed)) for split, n in split_sizes.items()}
+    counts = {
+        split: generate_split(out_dir, split, n, int(seed)) for split, n in split_sizes.items()
+    }
     with open(out_dir / PARAMS_FILE, "w") as f:
         json.dump({"params": params, "counts": counts}, f, indent=2, sort_keys=True)
         f.write("\n")

@@ -17,15 +17,15 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image, ImageDraw
 
-from .generated import PARAMS_FILE, generate_splits_once
 # the cartoon faces of the sample face dataset, drawn the same way here
 from .faces import SUPERSAMPLE, Face, ellipse_points, rgb
+from .generated import PARAMS_FILE, generate_splits_once
 
 __all__ = ["generate_panoptic_dataset", "render_scene", "CATEGORIES", "GENERATOR_VERSION"]
 
@@ -142,12 +142,12 @@ def _stuff_pixels(rng: np.random.Generator, stuff: np.ndarray) -> np.ndarray:
     return img
 
 
-def _ball_polygon(centre: Tuple[float, float], radius: float, squash: float = 1.0) -> Polygon:
+def _ball_polygon(centre: tuple[float, float], radius: float, squash: float = 1.0) -> Polygon:
     return ellipse_points(centre[0], centre[1], radius, radius * squash)
 
 
 def _draw_ball(
-    rng: np.random.Generator, draw: ImageDraw.ImageDraw, centre: Tuple[float, float], radius: float
+    rng: np.random.Generator, draw: ImageDraw.ImageDraw, centre: tuple[float, float], radius: float
 ) -> None:
     """A ball with a contrasting band and a highlight, all inside its circle."""
     s = SUPERSAMPLE
@@ -177,7 +177,7 @@ def _polygon_mask(polygon: Polygon, width: int, height: int) -> np.ndarray:
     return np.asarray(canvas, dtype=bool)
 
 
-def render_scene(rng: np.random.Generator) -> Tuple[Image.Image, np.ndarray, List[Tuple[int, int]]]:
+def render_scene(rng: np.random.Generator) -> tuple[Image.Image, np.ndarray, list[tuple[int, int]]]:
     """Draw one scene.
 
     Returns:
@@ -195,8 +195,8 @@ def render_scene(rng: np.random.Generator) -> Tuple[Image.Image, np.ndarray, Lis
     num_faces = int(rng.integers(0, MAX_FACES + 1))
     kinds = [FACE] * num_faces + [BALL] * int(rng.integers(0 if num_faces else 1, MAX_BALLS + 1))
     rng.shuffle(kinds)
-    placed: List[Tuple[float, float, float, float]] = []
-    things: List[Tuple[int, np.ndarray]] = []
+    placed: list[tuple[float, float, float, float]] = []
+    things: list[tuple[int, np.ndarray]] = []
     for kind in kinds:
         for _ in range(PLACEMENT_TRIES):
             if kind == FACE:
@@ -238,7 +238,7 @@ def render_scene(rng: np.random.Generator) -> Tuple[Image.Image, np.ndarray, Lis
     image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
 
     ids = np.zeros((height, width), dtype=np.int64)
-    segments: List[Tuple[int, int]] = []
+    segments: list[tuple[int, int]] = []
     for category in (SKY, WALL, GROUND):
         region = stuff == category
         for _, mask in things:
@@ -257,13 +257,13 @@ def _id2rgb(ids: np.ndarray) -> np.ndarray:
     return np.stack([ids % 256, (ids // 256) % 256, ids // 65536], axis=-1).astype(np.uint8)
 
 
-def _bbox(mask: np.ndarray) -> List[int]:
+def _bbox(mask: np.ndarray) -> list[int]:
     """COCO [x, y, w, h] of a non-empty mask (pixel extents)."""
     rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
     return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
 
 
-def _generate_split(out_dir: Path, split: str, num_images: int, seed: int) -> Dict[str, int]:
+def _generate_split(out_dir: Path, split: str, num_images: int, seed: int) -> dict[str, int]:
     """Render one split; return counts of images and segments."""
     image_dir, png_dir = out_dir / split, out_dir / f"panoptic_{split}"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -358,14 +358,13 @@ def _remove_previous(out_dir: Path) -> None:
                     path.unlink()
 
 
-
 def generate_panoptic_dataset(
-    out_dir: Union[str, Path],
+    out_dir: str | Path,
     num_train: int = 300,
     num_val: int = 40,
     seed: int = 0,
     force: bool = False,
-) -> Dict[str, Any]:
+) -> dict[str, Any]:
     """Write the dataset under ``out_dir`` (see the module docstring).
 
     Skipped (quickly) when ``out_dir`` already holds a complete run with the same parameters,
