@@ -104,6 +104,11 @@ def add_detr_config(cfg: CN) -> None:
     # inference): on CPUs without AMX, PyTorch's bf16 flash-attention kernel (backward above all)
     # is 1.5-6x slower than its fp32 kernel at DETR's sizes (docs/convergence.md).
     cfg.MODEL.DETR.ATTENTION_FP32 = False
+    # Training only: draw dropout masks (FFN, residual and attention weights) from 64-bit random
+    # words, four elements per draw, instead of one Bernoulli sample per element; keep probability
+    # within 1.6e-5 of 1 - DROPOUT, unbiased scaling (detr_d2/modeling/dropout.py). The official
+    # R50 step spends ~9 % of its CPU time drawing dropout masks (docs/benchmarks.md).
+    cfg.MODEL.DETR.FAST_DROPOUT = False
     # Pad training batches to a multiple of this many pixels (0: to the largest image of the
     # batch, as the official code). With varied image sizes every new batch shape makes oneDNN
     # create new convolution kernels; a multiple of 32 leaves a few shapes (docs/convergence.md).

@@ -5,7 +5,13 @@ import json
 
 import pytest
 
-from detr_d2.dev.convergence import collect, markdown_report, read_curve, train_command
+from detr_d2.dev.convergence import (
+    collect,
+    markdown_report,
+    pretrain_command,
+    read_curve,
+    train_command,
+)
 
 from helpers import load_tool
 
@@ -51,6 +57,31 @@ def test_train_command_adds_overrides_variant_seed_and_output(tmp_path):
     ]
     with pytest.raises(KeyError, match="groups"):
         train_command(SPEC, "dense", 1, str(tmp_path))
+
+
+def test_pretrain_run_and_variants_starting_from_it(tmp_path):
+    spec = dict(
+        SPEC,
+        pretrain={"config": "configs/other.yaml", "overrides": ["MODEL.DETR.NUM_CLASSES", "5"]},
+        variants={"aids": [], "scratch": ["MODEL.WEIGHTS", ""]},
+    )
+    pretrain = pretrain_command(spec, str(tmp_path))
+    assert pretrain[2:] == [
+        "--config-file",
+        "configs/other.yaml",
+        "MODEL.DETR.NUM_CLASSES",
+        "5",
+        "SEED",
+        "1",
+        "OUTPUT_DIR",
+        str(tmp_path / "pretrain"),
+    ]
+    weights = str(tmp_path / "pretrain" / "model_final.pth")
+    command = train_command(spec, "aids", 1, str(tmp_path))
+    assert command[command.index("MODEL.WEIGHTS") + 1] == weights
+    # a variant's own MODEL.WEIGHTS comes later on the command line, so it wins
+    command = train_command(spec, "scratch", 1, str(tmp_path))
+    assert [command[i + 1] for i, a in enumerate(command) if a == "MODEL.WEIGHTS"] == [weights, ""]
 
 
 def test_curves_tables_and_plot(tmp_path):

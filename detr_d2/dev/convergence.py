@@ -8,7 +8,12 @@ An experiment is a JSON spec::
      "overrides": ["TEST.EVAL_PERIOD", "250", ...],  # for every run (eval sets, schedule)
      "eval_sets": ["face_heldout", "face_sample_val"],
      "seeds": [1, 2],
-     "variants": {"plain": [], "groups": ["MODEL.DETR.GROUPS", "13"], ...}}
+     "variants": {"plain": [], "groups": ["MODEL.DETR.GROUPS", "13"], ...},
+     "pretrain": {"config": ..., "overrides": [...], "seed": 1}}  # optional
+
+With ``pretrain`` (the transfer experiment), that one run trains first, in ``OUT/pretrain``, and
+every variant starts from its ``model_final.pth`` (``MODEL.WEIGHTS``, before the variant's own
+overrides, so a variant can set ``MODEL.WEIGHTS ""`` to train from scratch instead).
 
 Each (variant, seed) trains in its own ``tools/train_net.py`` process with ``threads`` CPU
 threads (several runs share the machine, so a run's own timings are not trusted), and leaves
@@ -47,22 +52,61 @@ def run_dir(out_dir: str, variant: str, seed: int) -> Path:
     return Path(out_dir) / variant / f"seed_{seed}"
 
 
+def pretrain_dir(out_dir: str) -> Path:
+    return Path(out_dir) / "pretrain"
+
+
+def pretrain_command(spec: dict, out_dir: str) -> list[str]:
+    """The ``tools/train_net.py`` command line of the spec's ``pretrain`` run."""
+    pretrain = spec["pretrain"]
+    return [
+        sys.executable,
+        str(REPO / "tools" / "train_net.py"),
+        "--config-file",
+        pretrain["config"],
+        *pretrain.get("overrides", []),
+        "SEED",
+        str(pretrain.get("seed", 1)),
+        "OUTPUT_DIR",
+        str(pretrain_dir(out_dir)),
+    ]
+
+
 def train_command(spec: dict, variant: str, seed: int, out_dir: str) -> list[str]:
     """The ``tools/train_net.py`` command line of one run."""
     if variant not in spec["variants"]:
         raise KeyError(f"Unknown variant {variant!r}; the spec has {sorted(spec['variants'])}.")
+    weights = []
+    if "pretrain" in spec:
+        weights = ["MODEL.WEIGHTS", str(pretrain_dir(out_dir) / "model_final.pth")]
     return [
         sys.executable,
         str(REPO / "tools" / "train_net.py"),
         "--config-file",
         spec["config"],
         *spec.get("overrides", []),
+        *weights,
         *spec["variants"][variant],
         "SEED",
         str(seed),
         "OUTPUT_DIR",
         str(run_dir(out_dir, variant, seed)),
     ]
+
+
+def _run_pretrain(spec: dict, out_dir: str, threads: int) -> None:
+    """Train the spec's ``pretrain`` run (all threads of the experiment) unless it finished."""
+    path = pretrain_dir(out_dir)
+    if _finished(path):
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    command = pretrain_command(spec, out_dir)
+    logger.info(f"Pretraining: {' '.join(command[1:])}")
+    with open(path / "train.log", "w") as log:
+        code = subprocess.call(command, env=env, stdout=log, stderr=log, cwd=REPO)
+    if code != 0:
+        raise RuntimeError(f"The pretrain run failed (exit {code}); see {path / 'train.log'}")
 
 
 def _finished(path: Path) -> bool:
@@ -77,7 +121,10 @@ def run_experiment(
     parallel: int = 2,
     threads: int = 1,
 ) -> None:
-    """Train every (variant, seed) not finished yet, ``parallel`` processes at a time."""
+    """Train every (variant, seed) not finished yet, ``parallel`` processes at a time (after
+    the spec's ``pretrain`` run, if it has one)."""
+    if "pretrain" in spec:
+        _run_pretrain(spec, out_dir, threads * parallel)
     todo = [
         (v, s)
         for v in (variants or list(spec["variants"]))

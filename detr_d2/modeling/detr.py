@@ -294,6 +294,7 @@ class Detr(nn.Module):
             normalize_before=detr.PRE_NORM,
             return_intermediate_dec=detr.DEEP_SUPERVISION,
             attention_fp32=detr.ATTENTION_FP32,
+            fast_dropout=detr.FAST_DROPOUT,
         )
         return {
             "backbone": backbone,

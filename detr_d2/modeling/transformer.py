@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import FastDropout, attention_with_fast_dropout
+
 
 def _with_pos(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     return x if pos is None else x + pos
@@ -22,16 +24,25 @@ def _clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
 
 
-def _attention(
-    attn: nn.MultiheadAttention, fp32: bool, query, key, value, **kwargs
-) -> torch.Tensor:
-    """``attn(query, key, value, need_weights=False, **kwargs)[0]``; with ``fp32`` inside an
-    autocast region, computed in fp32: PyTorch's CPU flash-attention kernel is 1.5-6x slower in
-    bf16 than in fp32 on CPUs without AMX (measured in docs/convergence.md)."""
-    if fp32 and torch.is_autocast_enabled(query.device.type):
+def _attention(layer: nn.Module, attn: nn.MultiheadAttention, query, key, value, **kwargs):
+    """``attn(query, key, value, need_weights=False, **kwargs)[0]`` as ``layer`` asks: with
+    ``layer.attention_fp32`` inside an autocast region, computed in fp32 (PyTorch's CPU
+    flash-attention kernel is 1.5-6x slower in bf16 than in fp32 on CPUs without AMX, measured in
+    docs/convergence.md); with ``layer.fast_dropout`` and attention dropout in training, with the
+    cheaper dropout mask of ``dropout.py``."""
+    if layer.fast_dropout and attn.training and attn.dropout > 0.0:
+
+        def run(q, k, v):
+            return attention_with_fast_dropout(attn, q, k, v, **kwargs)
+    else:
+
+        def run(q, k, v):
+            return attn(q, k, v, need_weights=False, **kwargs)[0]
+
+    if layer.attention_fp32 and torch.is_autocast_enabled(query.device.type):
         with torch.autocast(query.device.type, enabled=False):
-            return attn(query.float(), key.float(), value.float(), need_weights=False, **kwargs)[0]
-    return attn(query, key, value, need_weights=False, **kwargs)[0]
+            return run(query.float(), key.float(), value.float())
+    return run(query, key, value)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -45,24 +56,25 @@ class TransformerEncoderLayer(nn.Module):
         dropout: float,
         normalize_before: bool,
         attention_fp32: bool = False,
+        fast_dropout: bool = False,
     ):
         super().__init__()
         self.attention_fp32 = attention_fp32
+        self.fast_dropout = fast_dropout
+        dropout_cls = FastDropout if fast_dropout else nn.Dropout
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_cls(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = dropout_cls(dropout)
+        self.dropout2 = dropout_cls(dropout)
         self.normalize_before = normalize_before
 
     def _attend(self, x, pos, key_padding_mask):
         q = k = _with_pos(x, pos)
-        return _attention(
-            self.self_attn, self.attention_fp32, q, k, x, key_padding_mask=key_padding_mask
-        )
+        return _attention(self, self.self_attn, q, k, x, key_padding_mask=key_padding_mask)
 
     def _ffn(self, x):
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
@@ -89,30 +101,33 @@ class TransformerDecoderLayer(nn.Module):
         dropout: float,
         normalize_before: bool,
         attention_fp32: bool = False,
+        fast_dropout: bool = False,
     ):
         super().__init__()
         self.attention_fp32 = attention_fp32
+        self.fast_dropout = fast_dropout
+        dropout_cls = FastDropout if fast_dropout else nn.Dropout
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_cls(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout1 = dropout_cls(dropout)
+        self.dropout2 = dropout_cls(dropout)
+        self.dropout3 = dropout_cls(dropout)
         self.normalize_before = normalize_before
 
     def _self_attend(self, x, query_pos, attn_mask):
         q = k = _with_pos(x, query_pos)
-        return _attention(self.self_attn, self.attention_fp32, q, k, x, attn_mask=attn_mask)
+        return _attention(self, self.self_attn, q, k, x, attn_mask=attn_mask)
 
     def _cross_attend(self, x, memory, memory_key_padding_mask, pos, query_pos):
         return _attention(
+            self,
             self.multihead_attn,
-            self.attention_fp32,
             _with_pos(x, query_pos),
             _with_pos(memory, pos),
             memory,
@@ -199,6 +214,7 @@ class Transformer(nn.Module):
         normalize_before: bool = False,
         return_intermediate_dec: bool = False,
         attention_fp32: bool = False,
+        fast_dropout: bool = False,
     ):
         super().__init__()
         if d_model % nhead != 0:
@@ -206,13 +222,13 @@ class Transformer(nn.Module):
                 f"MODEL.DETR.HIDDEN_DIM ({d_model}) must be divisible by MODEL.DETR.NHEADS ({nhead})."
             )
         encoder_layer = TransformerEncoderLayer(
-            d_model, nhead, dim_feedforward, dropout, normalize_before, attention_fp32
+            d_model, nhead, dim_feedforward, dropout, normalize_before, attention_fp32, fast_dropout
         )
         self.encoder = TransformerEncoder(
             encoder_layer, num_encoder_layers, nn.LayerNorm(d_model) if normalize_before else None
         )
         decoder_layer = TransformerDecoderLayer(
-            d_model, nhead, dim_feedforward, dropout, normalize_before, attention_fp32
+            d_model, nhead, dim_feedforward, dropout, normalize_before, attention_fp32, fast_dropout
         )
         self.decoder = TransformerDecoder(
             decoder_layer, num_decoder_layers, nn.LayerNorm(d_model), return_intermediate_dec
