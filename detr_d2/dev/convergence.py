@@ -56,20 +56,29 @@ def pretrain_dir(out_dir: str) -> Path:
     return Path(out_dir) / "pretrain"
 
 
-def pretrain_command(spec: dict, out_dir: str) -> list[str]:
-    """The ``tools/train_net.py`` command line of the spec's ``pretrain`` run."""
-    pretrain = spec["pretrain"]
+def _train_net(config: str, overrides: Sequence[str], seed: int, output_dir: Path) -> list[str]:
     return [
         sys.executable,
         str(REPO / "tools" / "train_net.py"),
         "--config-file",
-        pretrain["config"],
-        *pretrain.get("overrides", []),
+        config,
+        *overrides,
         "SEED",
-        str(pretrain.get("seed", 1)),
+        str(seed),
         "OUTPUT_DIR",
-        str(pretrain_dir(out_dir)),
+        str(output_dir),
     ]
+
+
+def pretrain_command(spec: dict, out_dir: str) -> list[str]:
+    """The ``tools/train_net.py`` command line of the spec's ``pretrain`` run."""
+    pretrain = spec["pretrain"]
+    return _train_net(
+        pretrain["config"],
+        pretrain.get("overrides", []),
+        pretrain.get("seed", 1),
+        pretrain_dir(out_dir),
+    )
 
 
 def train_command(spec: dict, variant: str, seed: int, out_dir: str) -> list[str]:
@@ -79,19 +88,8 @@ def train_command(spec: dict, variant: str, seed: int, out_dir: str) -> list[str
     weights = []
     if "pretrain" in spec:
         weights = ["MODEL.WEIGHTS", str(pretrain_dir(out_dir) / "model_final.pth")]
-    return [
-        sys.executable,
-        str(REPO / "tools" / "train_net.py"),
-        "--config-file",
-        spec["config"],
-        *spec.get("overrides", []),
-        *weights,
-        *spec["variants"][variant],
-        "SEED",
-        str(seed),
-        "OUTPUT_DIR",
-        str(run_dir(out_dir, variant, seed)),
-    ]
+    overrides = [*spec.get("overrides", []), *weights, *spec["variants"][variant]]
+    return _train_net(spec["config"], overrides, seed, run_dir(out_dir, variant, seed))
 
 
 def _run_pretrain(spec: dict, out_dir: str, threads: int) -> None:

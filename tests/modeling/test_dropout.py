@@ -99,25 +99,11 @@ def test_attention_dropout_is_unbiased_and_masks_weights():
 
 def test_transformer_with_fast_dropout_has_the_same_keys_and_eval_outputs():
     torch.manual_seed(0)
-    plain = Transformer(
-        d_model=32,
-        nhead=4,
-        num_encoder_layers=1,
-        num_decoder_layers=2,
-        dim_feedforward=64,
-        dropout=0.1,
-        return_intermediate_dec=True,
+    sizes = dict(
+        d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64
     )
-    fast = Transformer(
-        d_model=32,
-        nhead=4,
-        num_encoder_layers=1,
-        num_decoder_layers=2,
-        dim_feedforward=64,
-        dropout=0.1,
-        return_intermediate_dec=True,
-        fast_dropout=True,
-    )
+    plain = Transformer(**sizes, dropout=0.1, return_intermediate_dec=True)
+    fast = Transformer(**sizes, dropout=0.1, return_intermediate_dec=True, fast_dropout=True)
     assert plain.state_dict().keys() == fast.state_dict().keys()
     fast.load_state_dict(plain.state_dict())
     src = torch.randn(2, 32, 4, 5)
