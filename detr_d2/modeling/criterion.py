@@ -114,6 +114,21 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
+    def num_aux_layers(self) -> int:
+        """n, the auxiliary decoder layers ``weight_dict`` weights: its ``_{i}`` keys must be every
+        final-layer key with each suffix ``_0`` ... ``_{n-1}``, as :func:`build_weight_dict` makes
+        them (ValueError otherwise). The model checks n against its own (see ``Detr``)."""
+        final = [k for k in self.weight_dict if not _is_aux_key(k, self.weight_dict)]
+        indices = [int(k.rsplit("_", 1)[1]) for k in self.weight_dict if k not in final]
+        n = max(indices) + 1 if indices else 0
+        missing = set(build_weight_dict(dict.fromkeys(final, 0.0), n)) - set(self.weight_dict)
+        if missing:
+            raise ValueError(
+                f"weight_dict weights auxiliary layers up to _{n - 1} but lacks {sorted(missing)}: "
+                "build it with build_weight_dict(base_weights, num_aux_layers)."
+            )
+        return n
+
     def _loss_table(self) -> dict[str, Callable]:
         return {"labels": self.loss_labels, "boxes": self.loss_boxes, "masks": self.loss_masks}
 
@@ -322,6 +337,12 @@ class SetCriterion(nn.Module):
 def pad_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """[G, h, w] -> [G, height, width], zero-padded at the bottom and right."""
     return F.pad(masks, (0, width - masks.shape[-1], 0, height - masks.shape[-2]))
+
+
+def _is_aux_key(key: str, weight_dict: dict[str, float]) -> bool:
+    """Whether ``key`` is ``<final-layer key>_<i>``, the weight of an auxiliary layer's term."""
+    base, _, index = key.rpartition("_")
+    return index.isdigit() and base in weight_dict
 
 
 def build_weight_dict(base: dict[str, float], num_aux_layers: int) -> dict[str, float]:

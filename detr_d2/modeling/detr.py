@@ -42,7 +42,7 @@ from .transformer import Transformer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Detr", "MLP"]
+__all__ = ["Detr", "MLP", "num_aux_layers"]
 
 
 class MLP(nn.Module):
@@ -58,6 +58,61 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
         return x
+
+
+def num_aux_layers(transformer: Transformer) -> int:
+    """The decoder layers before the last whose outputs are supervised: L - 1 when the decoder
+    returns every layer's output (deep supervision, the paper's auxiliary decoding losses,
+    Sec. 3.2), else 0."""
+    decoder = transformer.decoder
+    return len(decoder.layers) - 1 if decoder.return_intermediate else 0
+
+
+def _check_consistency(
+    transformer: Transformer,
+    criterion: SetCriterion,
+    num_classes: int,
+    aux_loss: bool | None,
+    score_activation: str,
+    dense_head: DenseAuxHead | None,
+) -> None:
+    """Raise ValueError, naming the arguments, unless the criterion and heads given to
+    :class:`Detr` agree with the model: deep supervision, class count and class activation."""
+    deep = bool(transformer.decoder.return_intermediate)
+    if aux_loss is not None and bool(aux_loss) != deep:
+        raise ValueError(
+            f"aux_loss={aux_loss} but the transformer has return_intermediate_dec={deep}: deep "
+            "supervision is the transformer's setting (MODEL.DETR.DEEP_SUPERVISION). Leave "
+            "aux_loss out, or build the transformer with the same value."
+        )
+    expected, weighted = num_aux_layers(transformer), criterion.num_aux_layers()
+    if weighted != expected:
+        raise ValueError(
+            f"criterion.weight_dict weights {weighted} auxiliary decoder layers, the model "
+            f"supervises {expected} (transformer num_decoder_layers={len(transformer.decoder.layers)}"
+            f", return_intermediate_dec={deep}): build the criterion's weight_dict with "
+            f"build_weight_dict(base_weights, {expected})."
+        )
+    if criterion.num_classes != num_classes:
+        raise ValueError(
+            f"criterion.num_classes={criterion.num_classes} but num_classes={num_classes}: the "
+            f'class head has num_classes + 1 = {num_classes + 1} outputs (the last is "no '
+            'object"), and the criterion must score the same classes. Pass the same count to '
+            "both."
+        )
+    if dense_head is not None and dense_head.num_classes != num_classes:
+        raise ValueError(
+            f"dense_head.num_classes={dense_head.num_classes} but num_classes={num_classes}: "
+            "build the dense head with the model's class count."
+        )
+    # the sigmoid losses (focal, ia_bce) train independent class probabilities: score with sigmoid
+    wanted = "softmax" if criterion.class_loss == "softmax" else "sigmoid"
+    if score_activation != wanted:
+        raise ValueError(
+            f"score_activation={score_activation!r} but criterion.class_loss="
+            f"{criterion.class_loss!r}: a {criterion.class_loss} class loss needs "
+            f"score_activation={wanted!r}."
+        )
 
 
 @META_ARCH_REGISTRY.register()
@@ -81,7 +136,7 @@ class Detr(nn.Module):
         transformer: Transformer,
         num_classes: int,
         num_queries: int,
-        aux_loss: bool,
+        aux_loss: bool | None = None,
         criterion: SetCriterion,
         pixel_mean: tuple[float, ...],
         pixel_std: tuple[float, ...],
@@ -114,10 +169,15 @@ class Detr(nn.Module):
             backbone: a Detectron2 backbone; ``in_feature`` names the output the transformer uses.
             position_embedding: maps a padding mask [N, H, W] to encodings [N, C, H, W].
             transformer: encoder-decoder of width C = ``transformer.d_model``.
-            num_classes: K; the class head has K + 1 outputs, the last is "no object".
+            num_classes: K; the class head has K + 1 outputs, the last is "no object" (unused
+                by the sigmoid class losses). ``criterion.num_classes`` must be K.
             num_queries: Q object queries.
-            aux_loss: also predict (and supervise) after every decoder layer.
-            criterion: the set-prediction loss, used in training only.
+            aux_loss: deep supervision (predict and supervise after every decoder layer) is the
+                transformer's ``return_intermediate_dec``; ``None`` follows it, ``True``/``False``
+                must equal it.
+            criterion: the set-prediction loss, used in training only. Its ``weight_dict`` must
+                weight the L - 1 auxiliary layers the transformer supervises (``_{i}`` keys, see
+                :func:`~.criterion.build_weight_dict`), or none without deep supervision.
             pixel_mean, pixel_std: per-channel normalization, in ``input_format`` order (0-255).
             input_format: "RGB" or "BGR" channel order of the input images; the backbone always
                 receives RGB, as the official (torchvision) weights expect.
@@ -145,7 +205,8 @@ class Detr(nn.Module):
             one_to_many_repeat: k, how often each target is repeated for the one-to-many set.
             one_to_many_weight: weight of the one-to-many losses relative to the plain ones.
             score_activation: "softmax" (official) or "sigmoid" (models trained with a sigmoid
-                classification loss): how inference turns logits into scores.
+                classification loss): how inference turns logits into scores; "sigmoid" exactly
+                when ``criterion.class_loss`` is "focal" or "ia_bce".
         """
         super().__init__()
         if in_feature not in backbone.output_shape():
@@ -155,6 +216,9 @@ class Detr(nn.Module):
             )
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR' for DETR, got {input_format!r}.")
+        _check_consistency(
+            transformer, criterion, num_classes, aux_loss, score_activation, dense_head
+        )
         hidden_dim = transformer.d_model
         self.backbone = backbone
         self.in_feature = in_feature
@@ -166,7 +230,7 @@ class Detr(nn.Module):
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.num_classes = num_classes
         self.num_queries = num_queries
-        self.aux_loss = aux_loss
+        self.aux_loss = bool(transformer.decoder.return_intermediate)
         self.criterion = criterion
         self.input_format = input_format
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -208,10 +272,6 @@ class Detr(nn.Module):
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
 
-        if score_activation not in ("softmax", "sigmoid"):
-            raise ValueError(
-                f"score_activation must be 'softmax' or 'sigmoid', got {score_activation!r}."
-            )
         if score_activation == "sigmoid" and mask_on:
             raise ValueError(
                 "MODEL.DETR.CLASS_LOSS focal/ia_bce (sigmoid scores) is not supported with "
@@ -273,17 +333,8 @@ class Detr(nn.Module):
         if cfg.MODEL.MASK_ON:
             base_weights.update(loss_mask=detr.MASK_WEIGHT, loss_dice=detr.DICE_WEIGHT)
             losses += ("masks",)
-        num_aux = detr.DEC_LAYERS - 1 if detr.DEEP_SUPERVISION else 0
-        criterion = SetCriterion(
-            layout.num_classes,
-            matcher=matcher,
-            weight_dict=build_weight_dict(base_weights, num_aux),
-            eos_coef=detr.NO_OBJECT_WEIGHT,
-            losses=losses,
-            class_loss=detr.CLASS_LOSS,
-            focal_alpha=detr.FOCAL_ALPHA,
-            focal_gamma=detr.FOCAL_GAMMA,
-        )
+        # deep supervision is set once, in the transformer; the criterion's auxiliary-layer
+        # weights and the model's auxiliary outputs follow it
         transformer = Transformer(
             d_model=detr.HIDDEN_DIM,
             nhead=detr.NHEADS,
@@ -296,6 +347,16 @@ class Detr(nn.Module):
             attention_fp32=detr.ATTENTION_FP32,
             fast_dropout=detr.FAST_DROPOUT,
         )
+        criterion = SetCriterion(
+            layout.num_classes,
+            matcher=matcher,
+            weight_dict=build_weight_dict(base_weights, num_aux_layers(transformer)),
+            eos_coef=detr.NO_OBJECT_WEIGHT,
+            losses=losses,
+            class_loss=detr.CLASS_LOSS,
+            focal_alpha=detr.FOCAL_ALPHA,
+            focal_gamma=detr.FOCAL_GAMMA,
+        )
         return {
             "backbone": backbone,
             "in_feature": detr.IN_FEATURE,
@@ -303,7 +364,6 @@ class Detr(nn.Module):
             "transformer": transformer,
             "num_classes": layout.num_classes,
             "num_queries": detr.NUM_OBJECT_QUERIES,
-            "aux_loss": detr.DEEP_SUPERVISION,
             "criterion": criterion,
             "pixel_mean": tuple(cfg.MODEL.PIXEL_MEAN),
             "pixel_std": tuple(cfg.MODEL.PIXEL_STD),
