@@ -23,7 +23,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from iopath.common.file_io import get_cache_dir
 
-from .compat import allow_official_args_namespace
+from .compat import AtomicWrites, allow_official_args_namespace, let_model_convert
 from .layout import ClassLayout, official_class_rows
 
 logger = logging.getLogger(__name__)
@@ -214,20 +214,6 @@ def download_weights(url: str, cache_dir: str | None = None, timeout: float = 15
     return local
 
 
-def _atomic_write(path: str, write) -> None:
-    """Write a file through ``write(binary_file)`` to a temporary name, then rename it."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class DetrCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` that loads everything safely, URLs included, writes atomically,
     and saves the model's class layout beside its weights (``"class_layout"``), so a model
@@ -240,31 +226,23 @@ class DetrCheckpointer(DetectionCheckpointer):
 
     def __init__(self, model, save_dir: str = "", **kwargs):
         super().__init__(model, save_dir, **kwargs)
+        # fvcore's save and tag_last_checkpoint write through it: atomically (compat item 10)
+        self.path_manager = AtomicWrites(self.path_manager)
         # what ``save`` writes as "model": the model's state dict, or e.g. its weight EMA
         self.saved_model_state = None
 
     def save(self, name: str, **kwargs) -> None:
-        """Like fvcore's ``save``, but atomic: the file is written beside its final name, flushed
-        to disk and renamed, and ``last_checkpoint`` is updated the same way afterwards, so a run
-        killed at any moment leaves the previous good checkpoint in place."""
-        if not self.save_dir or not self.save_to_disk:
-            return
-        data = {"model": (self.saved_model_state or self.model.state_dict)()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
+        """fvcore's ``save``, written atomically: the file is written beside its final name,
+        flushed to disk and renamed, and ``last_checkpoint`` is updated the same way afterwards,
+        so a run killed at any moment leaves the previous good checkpoint in place. Adds the class
+        layout and, when ``saved_model_state`` is set, saves what it returns as "model"."""
+        extra = {}
+        if self.saved_model_state is not None:
+            extra["model"] = self.saved_model_state()
         layout = getattr(self._unwrapped_model(), "class_layout", None)
         if layout is not None:
-            data["class_layout"] = layout.to_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        self.logger.info(f"Saving checkpoint to {save_file}")
-        _atomic_write(save_file, lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        path = os.path.join(self.save_dir, "last_checkpoint")
-        _atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
+            extra["class_layout"] = layout.to_dict()
+        super().save(name, **{**extra, **kwargs})  # fvcore merges kwargs into the file last
 
     def load(self, path: str, *args, **kwargs):
         if path and re.match(r"^https?://", path):
@@ -279,12 +257,11 @@ class DetrCheckpointer(DetectionCheckpointer):
         return loaded
 
     def _load_model(self, checkpoint: dict):
-        model = self._unwrapped_model()
-        convert = getattr(model, "convert_checkpoint_state_dict", None)
-        if convert is not None:
-            checkpoint["model"] = convert(checkpoint["model"])
+        # converted first, so that the head check sees this model's names (the wrapped upstream
+        # method converts again: a no-op on a converted state dict)
+        let_model_convert(self, checkpoint)
         # our own checkpoints of another class or query count (fine-tuning a detr_d2 model)
-        drop_mismatched_heads(checkpoint["model"], model.state_dict())
+        drop_mismatched_heads(checkpoint["model"], self._unwrapped_model().state_dict())
         return super()._load_model(checkpoint)
 
     def _unwrapped_model(self):

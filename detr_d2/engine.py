@@ -1,9 +1,8 @@
 """Detectron2 ``DefaultTrainer`` for DETR: its optimizer, mapper, evaluator and checkpointer."""
 
+import functools
 import logging
 import os
-import time
-import weakref
 
 import torch
 from detectron2.config import CfgNode
@@ -13,19 +12,12 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.engine import (
-    AMPTrainer,
-    DefaultTrainer,
-    SimpleTrainer,
-    TrainerBase,
-    create_ddp_model,
-    hooks,
-)
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 
 from .checkpoint import DetrCheckpointer
-from .compat import start_data_loader
+from .compat import NonFiniteLossCheck, amp_run_step, init_default_trainer, start_data_loader
 from .data import DetrDatasetMapper, drop_degenerate_boxes
 from .data.categories import check_labels_fit
 from .data.resumable import ResumableTrainingSampler, SeededMapDataset, rng_state, set_rng_state
@@ -88,32 +80,15 @@ def resolve_class_layout(cfg: CfgNode) -> None:
     )
 
 
-class _NonFiniteLossCheck:
-    """Mixin for Detectron2's Simple/AMP trainers: stop on a non-finite loss before the optimizer
-    step, naming the loss terms and the iteration (Detectron2 only reports the total)."""
-
-    def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
-        bad = sorted(k for k, v in loss_dict.items() if not torch.isfinite(v).all())
-        if bad:
-            iteration = self.iter if iter is None else iter
-            values = ", ".join(f"{k}={loss_dict[k].item()}" for k in bad)
-            raise FloatingPointError(
-                f"Non-finite loss at iteration {iteration}: {values}. Training stopped before the "
-                "optimizer step; the checkpoints in OUTPUT_DIR are intact. Lower SOLVER.BASE_LR "
-                "or check the data, then continue with --resume."
-            )
-        super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
-
-
-class _DetrSimpleTrainer(_NonFiniteLossCheck, SimpleTrainer):
+class _DetrSimpleTrainer(NonFiniteLossCheck, SimpleTrainer):
     pass
 
 
-class _DetrAMPTrainer(_NonFiniteLossCheck, AMPTrainer):
+class _DetrAMPTrainer(NonFiniteLossCheck, AMPTrainer):
     """Detectron2's ``AMPTrainer`` for any device: autocast on the model's device type (its
-    ``run_step`` asserts CUDA), with a gradient scaler only for fp16 (bf16 has fp32's range).
-    The scaler's state is checkpointed by ``AMPTrainer.state_dict``; gradients are unscaled
-    before the optimizer's full-model clipping (``GradScaler.step`` unscales first)."""
+    ``run_step`` asserts CUDA, see :func:`~detr_d2.compat.amp_run_step`), with a gradient scaler
+    only for fp16 (bf16 has fp32's range). The scaler's state is checkpointed by
+    ``AMPTrainer.state_dict``."""
 
     def __init__(self, model, data_loader, optimizer, precision: torch.dtype):
         device_type = next(model.parameters()).device.type
@@ -122,19 +97,7 @@ class _DetrAMPTrainer(_NonFiniteLossCheck, AMPTrainer):
         self.device_type = device_type
 
     def run_step(self):
-        assert self.model.training, "[_DetrAMPTrainer] model was changed to eval mode!"
-        start = time.perf_counter()
-        data = next(self._data_loader_iter)
-        data_time = time.perf_counter() - start
-        with torch.autocast(self.device_type, dtype=self.precision):
-            loss_dict = self.model(data)  # the criterion inside runs in fp32
-        losses = sum(loss_dict.values())
-        self.optimizer.zero_grad()
-        self.grad_scaler.scale(losses).backward()
-        self.after_backward()
-        self._write_metrics(loss_dict, data_time)
-        self.grad_scaler.step(self.optimizer)
-        self.grad_scaler.update()
+        amp_run_step(self, self.device_type)
 
 
 def build_step_trainer(cfg: CfgNode, model, data_loader, optimizer) -> SimpleTrainer:
@@ -155,35 +118,27 @@ class DetrTrainer(DefaultTrainer):
     (the checkpoint holds the data seed and the RNG states; the sample stream skips ahead)."""
 
     def __init__(self, cfg: CfgNode):
-        # DefaultTrainer.__init__, except: DDP without device_ids for CPU models (DDP rejects
-        # them), and our checkpointer. Same construction order as Detectron2.
-        TrainerBase.__init__(self)
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
         if cfg.DATASETS.TEST:
             cocoeval_class(cfg)  # a misspelt TEST.COCO_EVAL_BACKEND fails now, not after training
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        ddp_kwargs = {"device_ids": None} if next(model.parameters()).device.type == "cpu" else {}
-        model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
-        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
-        self.data_sampler = getattr(data_loader, "resumable_sampler", None)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = build_checkpointer(cfg, model, trainer=weakref.proxy(self))
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.ema_hook = (
-            EMAHook(model, self.checkpointer, cfg.SOLVER.EMA.DECAY)
-            if cfg.SOLVER.EMA.ENABLED
-            else None
+        # DefaultTrainer.__init__ with our step trainer and checkpointer, and DDP that takes CPU
+        # models (see detr_d2/compat.py); it calls build_hooks, which adds the EMA hook
+        init_default_trainer(
+            self,
+            cfg,
+            step_trainer=functools.partial(build_step_trainer, cfg),
+            checkpointer=DetrCheckpointer,
         )
-        self.register_hooks(self.build_hooks())
-        log_model_report(self._trainer.model, cfg)
+        self.data_sampler = getattr(self.data_loader, "resumable_sampler", None)
+        log_model_report(self.model, self.cfg)
 
     def build_hooks(self):
         """Detectron2's hooks; with ``SOLVER.EMA.ENABLED`` the EMA update runs right after the
         LR scheduler (before checkpointing and evaluation), and evaluation scores the EMA model."""
+        self.ema_hook = (
+            EMAHook(self.model, self.checkpointer, self.cfg.SOLVER.EMA.DECAY)
+            if self.cfg.SOLVER.EMA.ENABLED
+            else None
+        )
         hook_list = super().build_hooks()
         if self.ema_hook is None:
             return hook_list

@@ -2,8 +2,11 @@
 Detectron2, fvcore or PyTorch change the private behaviour a shim depends on, naming the shim."""
 
 import argparse
+import hashlib
 import inspect
+import os
 
+import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
@@ -13,11 +16,26 @@ from fvcore.common.checkpoint import Checkpointer
 
 from detr_d2 import compat
 from detr_d2.checkpoint import DetrCheckpointer
-from detr_d2.engine import _DetrAMPTrainer, _NonFiniteLossCheck
+from detr_d2.engine import _DetrAMPTrainer, _DetrSimpleTrainer
 
 
 def _parameters(function):
     return list(inspect.signature(function).parameters)
+
+
+def _source_hash(function):
+    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
+
+
+def assert_upstream_unchanged(function, expected_hash, item):
+    """For the shims that copy or re-run an upstream function: any change to its source (a new
+    Detectron2 or fvcore) needs a look at compat item ``item`` before the hash is updated."""
+    actual = _source_hash(function)
+    assert actual == expected_hash, (
+        f"{function.__module__}.{function.__qualname__} changed upstream (source hash {actual}, "
+        f"expected {expected_hash}): check detr_d2/compat.py item {item} against the new code, "
+        "then update the hash here."
+    )
 
 
 # ---------------------------------------------------------------- 1, 2: applied on import
@@ -55,6 +73,18 @@ def test_checkpointer_lets_the_model_convert_first():
     assert not getattr(DetectionCheckpointer._load_model.__wrapped__, compat._MARK, False)
 
 
+def test_let_model_convert_uses_the_models_conversion():
+    class Converting(torch.nn.Linear):
+        def convert_checkpoint_state_dict(self, state_dict):
+            return {"converted." + k: v for k, v in state_dict.items()}
+
+    checkpoint = {"model": {"w": torch.zeros(1)}}
+    compat.let_model_convert(Checkpointer(Converting(1, 1)), checkpoint)
+    assert list(checkpoint["model"]) == ["converted.w"]
+    compat.let_model_convert(Checkpointer(torch.nn.Linear(1, 1)), checkpoint)  # no conversion
+    assert list(checkpoint["model"]) == ["converted.w"]
+
+
 # ---------------------------------------------------------------- 3: lazy data-loader iterator
 def test_start_data_loader_creates_the_lazy_iterator():
     model = torch.nn.Linear(1, 1)
@@ -73,6 +103,9 @@ def test_start_data_loader_creates_the_lazy_iterator():
 
 # ---------------------------------------------------------------- 4: event storage outside a loop
 def test_current_event_storage_inside_and_outside_a_loop():
+    from detectron2.utils.events import has_event_storage
+
+    assert callable(has_event_storage)  # public since Detectron2 0.6: no private stack read
     assert compat.current_event_storage() is None
     with EventStorage(0) as storage:
         assert compat.current_event_storage() is storage
@@ -97,49 +130,120 @@ def test_coco_evaluator_takes_its_cocoeval_class_from_module_globals():
     assert COCOEvaluator._eval_predictions.__globals__["COCOeval"] is not Marker  # untouched
 
 
-# ---------------------------------------------------------------- subclass overrides
-def test_default_trainer_init_is_the_one_engine_copies():
-    """``DetrTrainer.__init__`` copies ``DefaultTrainer.__init__``: the attributes it sets must
-    still be the ones Detectron2 sets (a new attribute upstream means updating the copy)."""
-    source = inspect.getsource(DefaultTrainer.__init__)
-    for attribute in (
-        "self._trainer",
-        "self.scheduler",
-        "self.checkpointer",
-        "self.start_iter",
-        "self.max_iter",
-        "self.cfg",
-        "self.register_hooks",
-    ):
-        assert attribute in source, attribute
-    assert _parameters(DefaultTrainer.__init__) == ["self", "cfg"]
-    assert _parameters(DefaultTrainer.auto_scale_workers) == ["cfg", "num_workers"]
+# ---------------------------------------------------------------- 7: DefaultTrainer.__init__
+def test_default_trainer_init_builds_what_we_replace_from_module_names():
+    """``init_default_trainer`` runs Detectron2's ``__init__`` with these module names replaced:
+    each must still be a name it uses (else ``_with_globals`` refuses), and the code itself
+    unchanged, so that nothing new in it builds a CUDA-only or non-DETR part."""
+    init = DefaultTrainer.__init__
+    assert set(compat.DEFAULT_TRAINER_INIT_NAMES) <= set(init.__code__.co_names)
+    assert _parameters(init) == ["self", "cfg"]
+    assert_upstream_unchanged(init, "d7a2d86462019047", 7)
 
 
+def test_with_globals_refuses_names_the_function_does_not_use():
+    def uses_len(x):
+        return len(x)
+
+    assert compat._with_globals(uses_len, {"len": lambda x: 42})([1]) == 42
+    assert uses_len([1]) == 1  # the original keeps its globals
+    with pytest.raises(RuntimeError, match=r"no longer uses \['create_ddp_model'\]"):
+        compat._with_globals(uses_len, {"create_ddp_model": None})
+
+
+def test_ddp_model_without_device_ids_on_cpu(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(compat, "create_ddp_model", lambda model, **kwargs: seen.update(kwargs))
+    compat.create_ddp_model_any_device(torch.nn.Linear(1, 1), broadcast_buffers=False)
+    assert seen == {"broadcast_buffers": False, "device_ids": None}
+
+
+# ---------------------------------------------------------------- 8: AMPTrainer.run_step
 def test_amp_trainer_still_needs_our_run_step():
     """Detectron2's ``AMPTrainer.run_step`` asserts CUDA (so CPU bf16 needs our copy), and its
     constructor takes ``precision`` and ``grad_scaler``."""
     assert "torch.cuda.is_available()" in inspect.getsource(AMPTrainer.run_step)
     assert {"grad_scaler", "precision"} <= set(_parameters(AMPTrainer.__init__))
     assert _DetrAMPTrainer.run_step is not AMPTrainer.run_step
+    assert_upstream_unchanged(AMPTrainer.run_step, "91c3c4daeb6174ab", 8)
 
 
-def test_write_metrics_signature_matches_the_override():
+# ---------------------------------------------------------------- 9: _write_metrics
+def test_write_metrics_is_called_before_the_optimizer_step():
     upstream = _parameters(SimpleTrainer._write_metrics)
     assert upstream == ["self", "loss_dict", "data_time", "prefix", "iter"]
-    assert _parameters(_NonFiniteLossCheck._write_metrics) == upstream
+    assert _parameters(compat.NonFiniteLossCheck._write_metrics) == upstream
+    for run_step, step in (
+        (SimpleTrainer.run_step, "self.optimizer.step()"),
+        (AMPTrainer.run_step, "self.grad_scaler.step(self.optimizer)"),
+        (compat.amp_run_step, "trainer.grad_scaler.step(trainer.optimizer)"),
+    ):
+        source = inspect.getsource(run_step)
+        assert 0 < source.index("_write_metrics(loss_dict, data_time)") < source.index(step)
+    assert issubclass(_DetrSimpleTrainer, compat.NonFiniteLossCheck)
+    assert issubclass(_DetrAMPTrainer, compat.NonFiniteLossCheck)
 
 
+# ---------------------------------------------------------------- 10: atomic checkpoint writes
+def test_fvcore_checkpointer_writes_through_its_path_manager(tmp_path):
+    """``save`` and ``tag_last_checkpoint`` open their files with ``self.path_manager`` (so
+    ``AtomicWrites`` makes them atomic), and ``save`` merges its kwargs last."""
+    assert 'self.path_manager.open(save_file, "wb")' in inspect.getsource(Checkpointer.save)
+    assert 'self.path_manager.open(save_file, "w")' in inspect.getsource(
+        Checkpointer.tag_last_checkpoint
+    )
+    assert_upstream_unchanged(Checkpointer.save, "1ae94732e8613f3a", 10)
+    opened = []
+
+    class Recording:
+        def open(self, path, mode="r", **kwargs):
+            opened.append((os.path.basename(path), mode))
+            return open(path, mode, **kwargs)
+
+    checkpointer = Checkpointer(torch.nn.Linear(1, 1), str(tmp_path))
+    checkpointer.path_manager = Recording()
+    checkpointer.save("first", model={"replaced": torch.ones(1)}, extra=1)
+    assert opened == [("first.pth", "wb"), ("last_checkpoint", "w")]
+    saved = torch.load(tmp_path / "first.pth", weights_only=True)
+    assert list(saved) == ["model", "extra"] and list(saved["model"]) == ["replaced"]
+
+
+def test_atomic_open_keeps_the_previous_file_when_interrupted(tmp_path):
+    path = str(tmp_path / "file.bin")
+    with compat.atomic_open(path) as f:
+        f.write(b"good")
+    with pytest.raises(KeyboardInterrupt), compat.atomic_open(path) as f:
+        f.write(b"half")
+        raise KeyboardInterrupt
+    assert open(path, "rb").read() == b"good" and os.listdir(tmp_path) == ["file.bin"]
+
+
+def test_atomic_writes_path_manager_delegates_everything_else(tmp_path):
+    checkpointer = DetrCheckpointer(torch.nn.Linear(1, 1), str(tmp_path))
+    manager = checkpointer.path_manager
+    assert isinstance(manager, compat.AtomicWrites)
+    with manager.open(str(tmp_path / "text"), "w") as f:
+        f.write("written")
+    assert manager.exists(str(tmp_path / "text")) and manager.ls(str(tmp_path)) == ["text"]
+    with manager.open(str(tmp_path / "text")) as f:
+        assert f.read() == "written"
+    checkpointer.save("model_0000001")
+    assert checkpointer.get_checkpoint_file() == str(tmp_path / "model_0000001.pth")
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth", "text"]
+
+
+# ---------------------------------------------------------------- 11: checkpointer overrides
 def test_upstream_checkpointer_methods_the_checkpointer_overrides():
-    """``DetrCheckpointer`` overrides fvcore's ``save(name, **kwargs)`` and
-    ``tag_last_checkpoint``, and Detectron2's ``_torch_load(f)`` (called by ``_load_file``)."""
+    """``DetrCheckpointer`` overrides fvcore's ``save(name, **kwargs)`` (calling it) and
+    ``_load_model(checkpoint)``, and Detectron2's ``_torch_load(f)`` (called by
+    ``_load_file``); ``tag_last_checkpoint`` is fvcore's own (atomic through item 10)."""
     assert _parameters(Checkpointer.save) == ["self", "name", "kwargs"]
-    assert "self.checkpointables" in inspect.getsource(Checkpointer.save)
     assert _parameters(Checkpointer.tag_last_checkpoint) == ["self", "last_filename_basename"]
     assert _parameters(DetectionCheckpointer._torch_load) == ["self", "f"]
     assert "self._torch_load(" in inspect.getsource(DetectionCheckpointer._load_file)
-    for name in ("save", "_torch_load", "_load_model", "tag_last_checkpoint"):
+    for name in ("save", "_torch_load", "_load_model"):
         assert getattr(DetrCheckpointer, name) is not getattr(DetectionCheckpointer, name), name
+    assert DetrCheckpointer.tag_last_checkpoint is Checkpointer.tag_last_checkpoint
 
 
 # ---------------------------------------------------------------- entry points

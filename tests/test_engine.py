@@ -1,4 +1,4 @@
-"""detr_d2.engine helpers: the automatic loader worker count."""
+"""detr_d2.engine: the automatic loader worker count, and what the trainer is built from."""
 
 import pytest
 
@@ -33,3 +33,50 @@ def test_num_workers_auto_on_gpu_by_cores_per_process(monkeypatch, cores, local_
     cfg.DATALOADER.NUM_WORKERS = -1
     cfg.MODEL.DEVICE = "cuda"  # only read as a device type: no GPU is needed
     assert resolve_num_workers(cfg) == workers
+
+
+class _Loader(list):
+    """A stand-in training loader (never iterated here) with a resumable sampler."""
+
+    resumable_sampler = object()
+
+
+@pytest.mark.parametrize("amp, ema", [(False, False), (True, True)])
+def test_trainer_builds_detectron2s_parts_with_ours(monkeypatch, tmp_path, amp, ema):
+    """``DetrTrainer`` is Detectron2's ``DefaultTrainer.__init__`` (see detr_d2/compat.py item 7)
+    with our step trainer, checkpointer and hooks, and does not set up Detectron2's logger."""
+    import logging
+
+    from detectron2.engine import hooks
+
+    from detr_d2.checkpoint import DetrCheckpointer
+    from detr_d2.compat import AtomicWrites
+    from detr_d2.ema import EMAHook
+
+    monkeypatch.setattr(
+        engine.DetrTrainer, "build_train_loader", classmethod(lambda c, g: _Loader())
+    )
+    cfg = tiny_cfg()
+    cfg.OUTPUT_DIR = str(tmp_path)
+    cfg.SOLVER.AMP.update(ENABLED=amp, PRECISION="bf16")
+    cfg.SOLVER.EMA.ENABLED = ema
+    cfg.SOLVER.MAX_ITER = 11
+    handlers = list(logging.getLogger("detectron2").handlers)
+    trainer = engine.DetrTrainer(cfg)
+    assert logging.getLogger("detectron2").handlers == handlers
+    expected = engine._DetrAMPTrainer if amp else engine._DetrSimpleTrainer
+    assert type(trainer._trainer) is expected and trainer.model is trainer._trainer.model
+    assert type(trainer.checkpointer) is DetrCheckpointer
+    assert isinstance(trainer.checkpointer.path_manager, AtomicWrites)
+    assert trainer.checkpointer.save_dir == str(tmp_path)
+    assert trainer.data_sampler is _Loader.resumable_sampler
+    assert trainer.start_iter == 0 and trainer.max_iter == 11 and trainer.cfg.SOLVER.MAX_ITER == 11
+    kinds = [type(h) for h in trainer._hooks]
+    if ema:
+        assert isinstance(trainer.ema_hook, EMAHook)
+        assert kinds.index(EMAHook) == kinds.index(hooks.LRScheduler) + 1
+        assert kinds.index(EMAHook) < kinds.index(hooks.PeriodicCheckpointer)
+        assert trainer.checkpointer.saved_model_state == trainer.ema_hook.ema.state_dict
+    else:
+        assert trainer.ema_hook is None and EMAHook not in kinds
+        assert trainer.checkpointer.saved_model_state is None
