@@ -35,10 +35,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-# Import checks run outside the checkout, so the source folder cannot pass for an installed package.
+# Where each package would be imported from, looked up outside the checkout (so the source folder
+# cannot pass for an installed package) and without importing it (importing torch three times made
+# this no-op take ~15 s of every run).
 in_root() { (cd / && "$py" "$@"); }
-if in_root -c 'import detectron2' 2>/dev/null; then
-  echo "[d2] Detectron2 found: $(in_root -c 'import detectron2, os; print(os.path.dirname(detectron2.__file__))')"
+where() { in_root -c 'import importlib.util, os, sys
+spec = importlib.util.find_spec(sys.argv[1])
+print(os.path.dirname(os.path.dirname(os.path.abspath(spec.origin))) if spec and spec.origin else "")' "$1"; }
+detectron2_at=$(where detectron2)
+if [ -n "$detectron2_at" ]; then
+  echo "[d2] Detectron2 found: $detectron2_at/detectron2"
 else
   echo "[d2] installing Detectron2's Python code from sal-detectron2==$sal_version"
   tmp=$(mktemp -d)
@@ -51,8 +57,7 @@ else
   in_root -c 'import detectron2; print("[d2] Detectron2", detectron2.__version__, "installed (no compiled _C)")'
 fi
 
-installed=$(in_root -c 'import detr_d2, os; print(os.path.dirname(os.path.dirname(os.path.abspath(detr_d2.__file__))))' 2>/dev/null || true)
-if [ "$installed" != "$repo" ]; then
+if [ "$(where detr_d2)" != "$repo" ]; then
   echo "[d2] installing detr_d2 (editable)"
   "$py" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$repo"
 fi

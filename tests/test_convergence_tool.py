@@ -128,3 +128,24 @@ def test_curves_tables_and_plot(tmp_path):
     )
     assert markdown.read_text() == text
     assert plot.stat().st_size > 10000
+
+
+def test_table_columns_are_every_evaluated_iteration(tmp_path):
+    write_run(tmp_path, "plain", 1, [10.0, 20.0])  # evaluated at 10, 20
+    long = dict(SPEC, variants={"plain": [], "long": []}, seeds=[1])
+    path = tmp_path / "long" / "seed_1"
+    path.mkdir(parents=True)
+    rows = [
+        {
+            "iteration": 14,
+            "held/bbox/AP50": 33.0,
+            "held/bbox/AP": 1.0,
+            "val/bbox/AP50": 0.0,
+            "val/bbox/AP": 0.0,
+        }
+    ]
+    (path / "metrics.json").write_text(json.dumps(rows[0]) + "\n")
+    text = markdown_report(long, collect(long, str(tmp_path)), {}, "plain")
+    assert "| variant | 10 | 15 | 20 |" in text
+    assert "| plain | 10.0 (10.0) | - | 20.0 (20.0) |" in text
+    assert "| long | - | 33.0 (33.0) | - |" in text

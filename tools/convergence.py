@@ -6,6 +6,10 @@ report (tables of AP50/AP per evaluation, seconds per iteration, PNG curves) in 
     python tools/convergence.py run --spec ... --variants plain groups --seeds 1 --parallel 2
     python tools/convergence.py report --spec ... --out output/convergence \
         --markdown docs/convergence/face_sample_tables.md --plot docs/images/convergence_face.png
+    python tools/convergence.py ema --spec ... --out output/convergence --variants sample
+
+``ema`` evaluates the final EMA and the final training weights of each finished EMA run (what
+the same run gives without the average) and writes OUT/final_weights_ap.json.
 
 ``run`` skips runs that already finished (``model_final.pth`` present). ``report`` measures each
 variant's seconds per iteration alone (``--speed-iters``, or reads ``--speeds JSON``) for the
@@ -23,15 +27,20 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from detr_d2.dev.convergence import (
     collect,
+    final_weights_ap,
     load_spec,
     markdown_report,
     measure_speed,
     plot_curves,
+    run_dir,
     run_experiment,
 )
+
+logger = logging.getLogger("convergence")
 
 
 def main(argv=None) -> int:
@@ -41,7 +50,7 @@ def main(argv=None) -> int:
         epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=("run", "report"))
+    parser.add_argument("command", choices=("run", "report", "ema"))
     parser.add_argument("--spec", required=True, help="experiment spec (JSON)")
     parser.add_argument("--out", default="output/convergence", help="folder of the runs")
     parser.add_argument("--variants", nargs="*", help="subset of the spec's variants")
@@ -57,6 +66,17 @@ def main(argv=None) -> int:
     spec = load_spec(args.spec)
     if args.command == "run":
         run_experiment(spec, args.out, args.variants, args.seeds, args.parallel, args.threads)
+        return 0
+    if args.command == "ema":
+        path = Path(args.out) / "final_weights_ap.json"
+        table = json.loads(path.read_text()) if path.exists() else {}
+        for variant in args.variants or list(spec["variants"]):
+            for seed in args.seeds or spec["seeds"]:
+                run = run_dir(args.out, variant, seed)
+                if (run / "model_final.pth").exists():
+                    table.setdefault(variant, {})[str(seed)] = scores = final_weights_ap(run)
+                    logger.info(f"{variant} seed {seed}: {json.dumps(scores)}")
+        path.write_text(json.dumps(table, indent=1))
         return 0
     results = collect(spec, args.out)
     if args.variants:

@@ -247,21 +247,61 @@ def markdown_report(spec: dict, results: dict, speeds: dict[str, float], baselin
                 else float("nan")
             )
             lines.append(f"| {variant} | {speeds[variant]:.3f} | {overhead:+.0f} % |")
+    # columns: every evaluated iteration of any variant (schedules may differ), "-" where a
+    # variant was not evaluated
+    iterations = sorted(
+        {i for curves in results.values() for c in curves.values() for i in c["iteration"]}
+    )
     for name in spec["eval_sets"]:
         for metric in ("AP50", "AP"):
             key = f"{name}/{metric}"
-            iterations = next(iter(next(iter(results.values())).values()))["iteration"]
             lines += ["", f"**{metric} on `{name}`** (mean over seeds; per seed in brackets)", ""]
             header = "| variant | " + " | ".join(str(i) for i in iterations) + " |"
             lines += [header, "|---" * (len(iterations) + 1) + "|"]
             for variant, curves in results.items():
                 its, mean, values = _mean_curve(curves, key)
-                cells = [
-                    f"{m:.1f} ({'/'.join(f'{v:.1f}' for v in values[:, j])})"
-                    for j, m in enumerate(mean)
-                ]
+                cell_at = {
+                    it: f"{m:.1f} ({'/'.join(f'{v:.1f}' for v in values[:, j])})"
+                    for j, (it, m) in enumerate(zip(its, mean))
+                }
+                cells = [cell_at.get(i, "-") for i in iterations]
                 lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def final_weights_ap(run: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Box AP50/AP on the run's test sets of a finished run's final weights: ``"model"`` (the
+    checkpoint's model: the EMA when ``SOLVER.EMA`` was on) and, for EMA runs, ``"training"``
+    (the raw weights the trainer state keeps). Training does not depend on the EMA, so the second
+    is what the same run gives without it."""
+    from detectron2.config import get_cfg
+
+    from .. import add_detr_config
+    from ..checkpoint import safe_torch_load
+    from ..data import register_datasets_from_cfg
+    from ..engine import DetrTrainer, resolve_class_layout
+
+    cfg = get_cfg()
+    add_detr_config(cfg)
+    cfg.merge_from_file(str(run / "config.yaml"))
+    register_datasets_from_cfg(cfg)
+    resolve_class_layout(cfg)
+    checkpoint = safe_torch_load(str(run / "model_final.pth"))
+    weights = {"model": checkpoint["model"]}
+    ema_state = checkpoint.get("trainer", {}).get("hooks", {}).get("EMAHook")
+    if ema_state is not None:
+        weights["training"] = ema_state["train_weights"]
+    model = DetrTrainer.build_model(cfg)
+    scores = {}
+    for name, state in weights.items():
+        model.load_state_dict(state)
+        results = DetrTrainer.test(cfg, model)
+        if len(cfg.DATASETS.TEST) == 1:
+            results = {cfg.DATASETS.TEST[0]: results}
+        scores[name] = {
+            test_set: {k: r["bbox"][k] for k in ("AP50", "AP")} for test_set, r in results.items()
+        }
+    return scores
 
 
 def plot_curves(
