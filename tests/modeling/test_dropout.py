@@ -1,5 +1,7 @@
 import pytest
 import torch
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
 from torch import nn
 
 from detr_d2.modeling.dropout import (
@@ -9,6 +11,8 @@ from detr_d2.modeling.dropout import (
     keep_mask,
 )
 from detr_d2.modeling.transformer import Transformer
+
+from helpers import build_model_no_weights, tiny_cfg
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -121,3 +125,28 @@ def test_transformer_with_fast_dropout_has_the_same_keys_and_eval_outputs():
     assert all(p.grad is not None for p in fast.parameters())
     kinds = {type(m) for m in fast.modules() if isinstance(m, nn.Dropout)}
     assert kinds == {FastDropout}
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_config_key_switches_the_dropout_and_keeps_the_checkpoint_keys(fast):
+    torch.manual_seed(0)
+    model = build_model_no_weights(tiny_cfg(DROPOUT=0.1, FAST_DROPOUT=fast))
+    kinds = {type(m) for m in model.transformer.modules() if isinstance(m, nn.Dropout)}
+    assert kinds == ({FastDropout} if fast else {nn.Dropout})
+    torch.manual_seed(0)
+    plain = build_model_no_weights(tiny_cfg(DROPOUT=0.1))
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    model.train()
+    with EventStorage(0):
+        losses = model(_training_batch())
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+
+def _training_batch():
+    instances = Instances((64, 96))
+    instances.gt_boxes = Boxes(torch.tensor([[8.0, 6.0, 40.0, 50.0]]))
+    instances.gt_classes = torch.tensor([0])
+    return [
+        {"image": torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8), "instances": instances}
+    ]
