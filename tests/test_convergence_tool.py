@@ -149,3 +149,19 @@ def test_table_columns_are_every_evaluated_iteration(tmp_path):
     assert "| variant | 10 | 15 | 20 |" in text
     assert "| plain | 10.0 (10.0) | - | 20.0 (20.0) |" in text
     assert "| long | - | 33.0 (33.0) | - |" in text
+
+
+def test_final_evaluation_counts_the_steps_trained(tmp_path):
+    """Detectron2 writes the final evaluation in its own row, at iteration MAX_ITER (one past
+    the last step's row): it is still the evaluation after MAX_ITER steps."""
+    path = tmp_path / "plain" / "seed_1"
+    path.mkdir(parents=True)
+    rows = [
+        {"iteration": 19, "total_loss": 1.0, "bbox/AP50": 5.0, "bbox/AP": 1.0},
+        {"iteration": 39, "total_loss": 1.0},
+        {"iteration": 40, "bbox/AP50": 9.0, "bbox/AP": 2.0},
+    ]
+    (path / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    curve = read_curve(path, ["held"])  # one test set: Detectron2's keys have no set name
+    assert curve["iteration"] == [20, 40]
+    assert curve["held/AP50"] == [5.0, 9.0]

@@ -166,14 +166,20 @@ def run_experiment(
 def read_curve(path: Path, eval_sets: Sequence[str]) -> dict[str, list[float]]:
     """``iteration`` and ``<set>/AP``, ``<set>/AP50`` at every evaluation of one run, from
     Detectron2's ``metrics.json`` (one JSON object per line). With one test set Detectron2
-    writes ``bbox/AP`` without the set name."""
+    writes ``bbox/AP`` without the set name. The iteration of an evaluation is the number of
+    steps trained before it: a periodic evaluation shares its row with the step it follows
+    (row iteration + 1 steps), the final one comes in a row of its own after the last step."""
     records = [json.loads(line) for line in open(path / "metrics.json")]
     curve: dict[str, list[float]] = {"iteration": []}
+    last_step = None
     for record in records:
+        if "total_loss" in record:
+            last_step = record["iteration"]
         keys = [f"{s}/bbox/AP50" for s in eval_sets] if len(eval_sets) > 1 else ["bbox/AP50"]
         if not all(k in record for k in keys):
             continue
-        curve["iteration"].append(record["iteration"] + 1)
+        steps = record["iteration"] + 1 if last_step is None else last_step + 1
+        curve["iteration"].append(steps)
         for name in eval_sets:
             prefix = f"{name}/" if len(eval_sets) > 1 else ""
             for metric in ("AP", "AP50"):
