@@ -159,9 +159,12 @@ def test_final_evaluation_counts_the_steps_trained(tmp_path):
     rows = [
         {"iteration": 19, "total_loss": 1.0, "bbox/AP50": 5.0, "bbox/AP": 1.0},
         {"iteration": 39, "total_loss": 1.0},
-        {"iteration": 40, "bbox/AP50": 9.0, "bbox/AP": 2.0},
+        # an evaluation period that is no multiple of the writer's: a row of its own
+        {"iteration": 44, "bbox/AP50": 7.0, "bbox/AP": 1.5},
+        {"iteration": 59, "total_loss": 1.0},
+        {"iteration": 60, "bbox/AP50": 9.0, "bbox/AP": 2.0},
     ]
     (path / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     curve = read_curve(path, ["held"])  # one test set: Detectron2's keys have no set name
-    assert curve["iteration"] == [20, 40]
-    assert curve["held/AP50"] == [5.0, 9.0]
+    assert curve["iteration"] == [20, 45, 60]
+    assert curve["held/AP50"] == [5.0, 7.0, 9.0]

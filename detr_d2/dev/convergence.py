@@ -167,8 +167,9 @@ def read_curve(path: Path, eval_sets: Sequence[str]) -> dict[str, list[float]]:
     """``iteration`` and ``<set>/AP``, ``<set>/AP50`` at every evaluation of one run, from
     Detectron2's ``metrics.json`` (one JSON object per line). With one test set Detectron2
     writes ``bbox/AP`` without the set name. The iteration of an evaluation is the number of
-    steps trained before it: a periodic evaluation shares its row with the step it follows
-    (row iteration + 1 steps), the final one comes in a row of its own after the last step."""
+    steps trained before it: a periodic evaluation is written at the iteration of the step it
+    follows (+1), the final one in a row of its own at ``MAX_ITER``, one past the last step's
+    row (as is)."""
     records = [json.loads(line) for line in open(path / "metrics.json")]
     curve: dict[str, list[float]] = {"iteration": []}
     last_step = None
@@ -178,7 +179,8 @@ def read_curve(path: Path, eval_sets: Sequence[str]) -> dict[str, list[float]]:
         keys = [f"{s}/bbox/AP50" for s in eval_sets] if len(eval_sets) > 1 else ["bbox/AP50"]
         if not all(k in record for k in keys):
             continue
-        steps = record["iteration"] + 1 if last_step is None else last_step + 1
+        final = "total_loss" not in record and last_step == record["iteration"] - 1
+        steps = record["iteration"] if final else record["iteration"] + 1
         curve["iteration"].append(steps)
         for name in eval_sets:
             prefix = f"{name}/" if len(eval_sets) > 1 else ""
@@ -234,11 +236,14 @@ def measure_speed(spec: dict, variants: Sequence[str], iters: int = 30) -> dict[
 
 
 def _mean_curve(curves: dict[int, dict], key: str):
-    """Iterations common to all seeds, mean and per-seed values of ``key`` there."""
-    length = min(len(c["iteration"]) for c in curves.values())
-    iterations = next(iter(curves.values()))["iteration"][:length]
-    values = np.array([c[key][:length] for c in curves.values()])  # [seeds, evals]
-    return iterations, values.mean(0), values
+    """Every iteration any seed evaluated, the mean of ``key`` over the seeds that reached it,
+    and those seeds' values (runs still going or stopped early count where they got to)."""
+    iterations = sorted({i for c in curves.values() for i in c["iteration"]})
+    values = [
+        [c[key][c["iteration"].index(i)] for c in curves.values() if i in c["iteration"]]
+        for i in iterations
+    ]
+    return iterations, [float(np.mean(v)) for v in values], values
 
 
 def markdown_report(spec: dict, results: dict, speeds: dict[str, float], baseline: str) -> str:
@@ -267,8 +272,8 @@ def markdown_report(spec: dict, results: dict, speeds: dict[str, float], baselin
             for variant, curves in results.items():
                 its, mean, values = _mean_curve(curves, key)
                 cell_at = {
-                    it: f"{m:.1f} ({'/'.join(f'{v:.1f}' for v in values[:, j])})"
-                    for j, (it, m) in enumerate(zip(its, mean))
+                    it: f"{m:.1f} ({'/'.join(f'{v:.1f}' for v in seed_values)})"
+                    for it, m, seed_values in zip(its, mean, values)
                 }
                 cells = [cell_at.get(i, "-") for i in iterations]
                 lines.append(f"| {variant} | " + " | ".join(cells) + " |")
@@ -329,7 +334,8 @@ def plot_curves(
             (axes[1], iterations * speeds.get(variant, np.nan) / 60),
         ):
             (line,) = axis.plot(x, mean, marker="o", markersize=3, label=variant)
-            axis.fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+            low, high = [min(v) for v in values], [max(v) for v in values]
+            axis.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
     axes[0].set_xlabel("iteration")
     axes[1].set_xlabel("training minutes on this machine (s/iteration measured alone)")
     for axis in axes:
