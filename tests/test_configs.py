@@ -19,6 +19,10 @@ def test_config_loads_and_builds(name):
     assert type(model).__name__ == "Detr"
     assert model.class_embed.out_features == cfg.MODEL.DETR.NUM_CLASSES + 1
     assert model.query_embed.num_embeddings == cfg.MODEL.DETR.NUM_OBJECT_QUERIES
+    dropouts = {
+        type(m).__name__ for m in model.transformer.modules() if isinstance(m, torch.nn.Dropout)
+    }
+    assert dropouts == {"FastDropout" if cfg.MODEL.DETR.FAST_DROPOUT else "Dropout"}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if cfg.MODEL.BACKBONE.FREEZE_AT >= 2:
         assert not any(n.startswith(("backbone.stem.", "backbone.res2.")) for n in trainable)
