@@ -30,19 +30,16 @@ def _attention(layer: nn.Module, attn: nn.MultiheadAttention, query, key, value,
     flash-attention kernel is 1.5-6x slower in bf16 than in fp32 on CPUs without AMX, measured in
     docs/convergence.md); with ``layer.fast_dropout`` and attention dropout in training, with the
     cheaper dropout mask of ``dropout.py``."""
-    if layer.fast_dropout and attn.training and attn.dropout > 0.0:
-
-        def run(q, k, v):
-            return attention_with_fast_dropout(attn, q, k, v, **kwargs)
-    else:
-
-        def run(q, k, v):
-            return attn(q, k, v, need_weights=False, **kwargs)[0]
-
     if layer.attention_fp32 and torch.is_autocast_enabled(query.device.type):
         with torch.autocast(query.device.type, enabled=False):
-            return run(query.float(), key.float(), value.float())
-    return run(query, key, value)
+            return _attend(layer, attn, query.float(), key.float(), value.float(), **kwargs)
+    return _attend(layer, attn, query, key, value, **kwargs)
+
+
+def _attend(layer: nn.Module, attn: nn.MultiheadAttention, query, key, value, **kwargs):
+    if layer.fast_dropout and attn.training and attn.dropout > 0.0:
+        return attention_with_fast_dropout(attn, query, key, value, **kwargs)
+    return attn(query, key, value, need_weights=False, **kwargs)[0]
 
 
 class TransformerEncoderLayer(nn.Module):
