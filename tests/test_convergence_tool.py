@@ -8,6 +8,7 @@ import pytest
 from detr_d2.dev.convergence import (
     collect,
     markdown_report,
+    plot_curves,
     pretrain_command,
     read_curve,
     train_command,
@@ -168,3 +169,37 @@ def test_final_evaluation_counts_the_steps_trained(tmp_path):
     curve = read_curve(path, ["held"])  # one test set: Detectron2's keys have no set name
     assert curve["iteration"] == [20, 45, 60]
     assert curve["held/AP50"] == [5.0, 7.0, 9.0]
+
+
+def test_spec_metrics_other_tasks(tmp_path):
+    """A spec's ``metrics`` (panoptic stage 2: PQ, mask AP) are read, tabled and plotted; box
+    metrics keep their short labels."""
+    path = tmp_path / "lr" / "seed_1"
+    path.mkdir(parents=True)
+    rows = [
+        {"iteration": 9, "total_loss": 1.0},
+        {"iteration": 10, "panoptic_seg/PQ": 30.0, "segm/AP": 4.0, "bbox/AP": 20.0},
+    ]
+    (path / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    spec = dict(
+        SPEC,
+        eval_sets=["pan"],
+        seeds=[1],
+        variants={"lr": []},
+        metrics=["panoptic_seg/PQ", "segm/AP", "bbox/AP"],
+    )
+    curve = read_curve(path, ["pan"], spec["metrics"])
+    assert curve == {
+        "iteration": [10],
+        "pan/panoptic_seg/PQ": [30.0],
+        "pan/segm/AP": [4.0],
+        "pan/AP": [20.0],
+    }
+    # rows without every metric are not evaluations of this spec
+    assert read_curve(path, ["pan"], ["panoptic_seg/PQ", "segm/AP50"])["iteration"] == []
+    text = markdown_report(spec, collect(spec, str(tmp_path)), {}, "lr")
+    assert "**panoptic_seg/PQ on `pan`**" in text and "**segm/AP on `pan`**" in text
+    assert "| lr | 30.0 (30.0) |" in text and "| lr | 4.0 (4.0) |" in text
+    plot = tmp_path / "pq.png"
+    plot_curves(spec, collect(spec, str(tmp_path)), {"lr": 0.5}, "pan", str(plot))
+    assert plot.stat().st_size > 10000

@@ -9,11 +9,15 @@ An experiment is a JSON spec::
      "eval_sets": ["face_heldout", "face_sample_val"],
      "seeds": [1, 2],
      "variants": {"plain": [], "groups": ["MODEL.DETR.GROUPS", "13"], ...},
-     "pretrain": {"config": ..., "overrides": [...], "seed": 1}}  # optional
+     "pretrain": {"config": ..., "overrides": [...], "seed": 1},  # optional
+     "metrics": ["panoptic_seg/PQ", "segm/AP"]}  # optional, default box AP50 and AP
 
 With ``pretrain`` (the transfer experiment), that one run trains first, in ``OUT/pretrain``, and
 every variant starts from its ``model_final.pth`` (``MODEL.WEIGHTS``, before the variant's own
 overrides, so a variant can set ``MODEL.WEIGHTS ""`` to train from scratch instead).
+
+``metrics`` are Detectron2's keys of the evaluation results (``bbox/AP50``, ``segm/AP``,
+``panoptic_seg/PQ``, ...); the first one is plotted. Box metrics are labelled without ``bbox/``.
 
 Each (variant, seed) trains in its own ``tools/train_net.py`` process with ``threads`` CPU
 threads (several runs share the machine, so a run's own timings are not trusted), and leaves
@@ -37,6 +41,16 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
+DEFAULT_METRICS = ("bbox/AP50", "bbox/AP")
+
+
+def spec_metrics(spec: dict) -> list[str]:
+    return list(spec.get("metrics", DEFAULT_METRICS))
+
+
+def metric_label(metric: str) -> str:
+    """``bbox/AP50`` -> ``AP50``; other tasks keep their prefix (``segm/AP``)."""
+    return metric.removeprefix("bbox/")
 
 
 def load_spec(path: str) -> dict:
@@ -163,10 +177,12 @@ def run_experiment(
     progress.close()
 
 
-def read_curve(path: Path, eval_sets: Sequence[str]) -> dict[str, list[float]]:
-    """``iteration`` and ``<set>/AP``, ``<set>/AP50`` at every evaluation of one run, from
-    Detectron2's ``metrics.json`` (one JSON object per line). With one test set Detectron2
-    writes ``bbox/AP`` without the set name. The iteration of an evaluation is the number of
+def read_curve(
+    path: Path, eval_sets: Sequence[str], metrics: Sequence[str] = DEFAULT_METRICS
+) -> dict[str, list[float]]:
+    """``iteration`` and ``<set>/<label>`` of every metric (:func:`metric_label`: ``<set>/AP50``
+    for ``bbox/AP50``) at every evaluation of one run, from Detectron2's ``metrics.json`` (one
+    JSON object per line). With one test set Detectron2 writes ``bbox/AP`` without the set name. The iteration of an evaluation is the number of
     steps trained before it: a periodic evaluation is written at the iteration of the step it
     follows (+1), the final one in a row of its own at ``MAX_ITER``, one past the last step's
     row (as is)."""
@@ -176,16 +192,18 @@ def read_curve(path: Path, eval_sets: Sequence[str]) -> dict[str, list[float]]:
     for record in records:
         if "total_loss" in record:
             last_step = record["iteration"]
-        keys = [f"{s}/bbox/AP50" for s in eval_sets] if len(eval_sets) > 1 else ["bbox/AP50"]
-        if not all(k in record for k in keys):
+        prefixes = [f"{s}/" for s in eval_sets] if len(eval_sets) > 1 else [""]
+        if not all(p + m in record for p in prefixes for m in metrics):
             continue
         final = "total_loss" not in record and last_step == record["iteration"] - 1
         steps = record["iteration"] if final else record["iteration"] + 1
         curve["iteration"].append(steps)
         for name in eval_sets:
             prefix = f"{name}/" if len(eval_sets) > 1 else ""
-            for metric in ("AP", "AP50"):
-                curve.setdefault(f"{name}/{metric}", []).append(record[f"{prefix}bbox/{metric}"])
+            for metric in metrics:
+                curve.setdefault(f"{name}/{metric_label(metric)}", []).append(
+                    record[prefix + metric]
+                )
     return curve
 
 
@@ -196,7 +214,7 @@ def collect(spec: dict, out_dir: str) -> dict[str, dict[int, dict[str, list[floa
         for seed in spec["seeds"]:
             path = run_dir(out_dir, variant, seed)
             if (path / "metrics.json").exists():
-                curve = read_curve(path, spec["eval_sets"])
+                curve = read_curve(path, spec["eval_sets"], spec_metrics(spec))
                 if curve["iteration"]:
                     results.setdefault(variant, {})[seed] = curve
     return results
@@ -247,8 +265,8 @@ def _mean_curve(curves: dict[int, dict], key: str):
 
 
 def markdown_report(spec: dict, results: dict, speeds: dict[str, float], baseline: str) -> str:
-    """Tables: per variant, seconds per iteration (and overhead vs ``baseline``), and AP50/AP of
-    every eval set at every evaluated iteration (mean over seeds, seeds in brackets)."""
+    """Tables: per variant, seconds per iteration (and overhead vs ``baseline``), and each metric
+    (default AP50, AP) of every eval set at every evaluated iteration (mean over seeds, seeds in brackets)."""
     lines = ["| variant | s/iteration | overhead vs " + baseline + " |", "|---|---|---|"]
     for variant in results:
         if variant in speeds:
@@ -264,7 +282,7 @@ def markdown_report(spec: dict, results: dict, speeds: dict[str, float], baselin
         {i for curves in results.values() for c in curves.values() for i in c["iteration"]}
     )
     for name in spec["eval_sets"]:
-        for metric in ("AP50", "AP"):
+        for metric in map(metric_label, spec_metrics(spec)):
             key = f"{name}/{metric}"
             lines += ["", f"**{metric} on `{name}`** (mean over seeds; per seed in brackets)", ""]
             header = "| variant | " + " | ".join(str(i) for i in iterations) + " |"
@@ -318,8 +336,9 @@ def final_weights_ap(run: Path) -> dict[str, dict[str, dict[str, float]]]:
 def plot_curves(
     spec: dict, results: dict, speeds: dict[str, float], eval_set: str, path: str
 ) -> None:
-    """PNG: AP50 of ``eval_set`` against iterations and against minutes (mean over seeds, the
-    seeds' range shaded)."""
+    """PNG: the spec's first metric (default AP50) on ``eval_set`` against iterations and against
+    minutes (mean over seeds, the seeds' range shaded)."""
+    label = metric_label(spec_metrics(spec)[0])
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,7 +346,7 @@ def plot_curves(
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for variant, curves in results.items():
-        iterations, mean, values = _mean_curve(curves, f"{eval_set}/AP50")
+        iterations, mean, values = _mean_curve(curves, f"{eval_set}/{label}")
         iterations = np.array(iterations)
         for axis, x in (
             (axes[0], iterations),
@@ -339,7 +358,7 @@ def plot_curves(
     axes[0].set_xlabel("iteration")
     axes[1].set_xlabel("training minutes on this machine (s/iteration measured alone)")
     for axis in axes:
-        axis.set_ylabel(f"AP50 on {eval_set}")
+        axis.set_ylabel(f"{label} on {eval_set}")
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

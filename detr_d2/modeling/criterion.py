@@ -12,6 +12,7 @@ input-image resolution, top-left aligned with the image; zero-padded here to the
 """
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,44 @@ from torch import nn
 
 from .box_ops import box_cxcywh_to_xyxy
 from .matcher import HungarianMatcher
-from .segmentation import dice_loss, sigmoid_focal_loss
+from .segmentation import dice_loss, sigmoid_focal_loss, sigmoid_focal_terms
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class Matches(NamedTuple):
+    """The matched pairs of L decoder layers, flattened (M pairs): the prediction of query
+    ``query[j]`` of image ``image[j]`` in layer ``layer[j]`` has target class ``labels[j]`` and
+    box ``boxes[j]``."""
+
+    layer: torch.Tensor
+    image: torch.Tensor
+    query: torch.Tensor
+    labels: torch.Tensor
+    boxes: torch.Tensor
+
+
+def flatten_matches(
+    layer_indices: Sequence[Indices], targets: list[dict[str, torch.Tensor]], device
+) -> Matches:
+    """L lists of N ``(pred_idx, gt_idx)`` pairs (the matcher's output) -> :class:`Matches`."""
+    n = len(targets)
+    pairs = [pair for indices in layer_indices for pair in indices]  # layer-major
+    counts = torch.as_tensor([len(src) for src, _ in pairs])
+    rows = torch.arange(len(pairs)).repeat_interleave(counts)  # layer * N + image
+    sizes = torch.as_tensor([len(t["labels"]) for t in targets])
+    offsets = torch.cumsum(sizes, 0) - sizes  # first target of each image in the concatenation
+    target = torch.cat([gt for _, gt in pairs]) + offsets[rows % n]
+    target = target.to(device)
+    return Matches(
+        layer=(rows // n).to(device),
+        image=(rows % n).to(device),
+        query=torch.cat([src for src, _ in pairs]).to(device),
+        labels=torch.cat([t["labels"] for t in targets]).to(device)[target],
+        boxes=torch.cat([t["boxes"] for t in targets]).to(device)[target],
+    )
+
+
 CLASS_LOSSES = ("softmax", "focal", "ia_bce")
 
 
@@ -132,8 +168,9 @@ class SetCriterion(nn.Module):
     def _loss_table(self) -> dict[str, Callable]:
         return {"labels": self.loss_labels, "boxes": self.loss_boxes, "masks": self.loss_masks}
 
-    # loss terms computed on the final decoder layer only
-    _FINAL_LAYER_ONLY = ("masks",)
+    # terms computed for every decoder layer at once in compute(), and the keys they give;
+    # the others ("masks") on the final layer only
+    _LAYER_TERMS = {"labels": ("loss_ce",), "boxes": ("loss_bbox", "loss_giou")}
 
     @staticmethod
     def _matched_query_index(indices: Indices) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,81 +180,89 @@ class SetCriterion(nn.Module):
         return batch_idx, src_idx
 
     def loss_labels(self, outputs, targets, indices, num_boxes) -> dict[str, torch.Tensor]:
-        """Cross-entropy over all queries; unmatched ones are "no object" (weight eos_coef).
-        With a sigmoid ``class_loss``, see :meth:`_sigmoid_class_loss`."""
-        logits = outputs["pred_logits"].float()  # [N, Q, K+1]
-        idx = self._matched_query_index(indices)
-        target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-        target_classes = torch.full(
-            logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device
+        """``loss_ce`` of one decoder layer (:meth:`_class_losses`)."""
+        matched = flatten_matches([indices], targets, outputs["pred_logits"].device)
+        losses = self._class_losses(
+            outputs["pred_logits"][None], outputs["pred_boxes"][None], matched, num_boxes
         )
-        target_classes[idx] = target_classes_o.to(logits.device)
+        return {"loss_ce": losses[0]}
+
+    def loss_boxes(self, outputs, targets, indices, num_boxes) -> dict[str, torch.Tensor]:
+        """``loss_bbox`` and ``loss_giou`` of one decoder layer (:meth:`_box_losses`)."""
+        matched = flatten_matches([indices], targets, outputs["pred_boxes"].device)
+        l1, giou = self._box_losses(outputs["pred_boxes"][None], matched, num_boxes)
+        return {"loss_bbox": l1[0], "loss_giou": giou[0]}
+
+    def _class_losses(
+        self, logits: torch.Tensor, boxes: torch.Tensor, matched: "Matches", num_boxes: float
+    ) -> torch.Tensor:
+        """``loss_ce`` of L layers at once: logits [L, N, Q, K+1], boxes [L, N, Q, 4] -> [L].
+        Cross-entropy over all queries; unmatched ones are "no object" (weight eos_coef). With a
+        sigmoid ``class_loss``, see :meth:`_sigmoid_class_losses`."""
+        logits = logits.float()
+        layers = logits.shape[0]
+        target_classes = torch.full(
+            logits.shape[:3], self.num_classes, dtype=torch.int64, device=logits.device
+        )
+        target_classes[matched.layer, matched.image, matched.query] = matched.labels
         if self.class_loss != "softmax":
-            return {
-                "loss_ce": self._sigmoid_class_loss(
-                    outputs, targets, indices, target_classes, num_boxes
-                )
-            }
+            return self._sigmoid_class_losses(logits, boxes, matched, target_classes, num_boxes)
         # The official weighted mean, sum(w * ce) / sum(w), with sum(w) averaged over workers
         # like num_boxes: identical on one worker, and DDP's averaged gradients then equal those
         # of one big batch (a per-worker mean would weight workers by their share of matches).
         weighted_ce = F.cross_entropy(
-            logits.transpose(1, 2), target_classes, self.empty_weight, reduction="sum"
-        )
-        weight_sum = average_over_workers(self.empty_weight[target_classes].sum().detach())
-        return {"loss_ce": weighted_ce / weight_sum}
+            logits.flatten(0, 1).transpose(1, 2),
+            target_classes.flatten(0, 1),
+            self.empty_weight,
+            reduction="none",
+        )  # [L*N, Q], w * ce
+        weight_sum = self.empty_weight[target_classes].view(layers, -1).sum(1)
+        return weighted_ce.view(layers, -1).sum(1) / average_over_workers(weight_sum.detach())
 
-    def _sigmoid_class_loss(
-        self, outputs, targets, indices, target_classes, num_boxes
+    def _sigmoid_class_losses(
+        self, logits, boxes, matched: "Matches", target_classes, num_boxes
     ) -> torch.Tensor:
         """Focal or IoU-aware BCE over the K class logits of every query, summed and divided by
-        the number of target boxes (Deformable DETR's normalisation)."""
-        logits = outputs["pred_logits"][..., : self.num_classes].float()  # [N, Q, K]
-        onehot = F.one_hot(target_classes, self.num_classes + 1)[..., : self.num_classes].to(logits)
+        the number of target boxes (Deformable DETR's normalisation), per layer: [L]."""
+        logits = logits[..., : self.num_classes]  # [L, N, Q, K]
         if self.class_loss == "focal":
-            return (
-                sigmoid_focal_loss(
-                    logits.flatten(0, 1),
-                    onehot.flatten(0, 1),
-                    1.0,
-                    self.focal_alpha,
-                    self.focal_gamma,
-                )
-                * logits.shape[-1]
-                / num_boxes
+            onehot = F.one_hot(target_classes, self.num_classes + 1)[..., : self.num_classes]
+            terms = sigmoid_focal_terms(
+                logits, onehot.to(logits), self.focal_alpha, self.focal_gamma
             )
+            return terms.flatten(1).sum(1) / num_boxes
         # IA-BCE: positives' soft target t = p^alpha * IoU^(1-alpha); negatives weighted p^gamma
         prob = logits.sigmoid()
-        idx = self._matched_query_index(indices)
-        src_boxes = outputs["pred_boxes"][idx].detach().float()
-        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
+        query = (matched.layer, matched.image, matched.query)
+        src_boxes = boxes[query].detach().float()
         iou = paired_generalized_box_iou(
             box_cxcywh_to_xyxy(src_boxes),
-            box_cxcywh_to_xyxy(target_boxes.to(src_boxes)),
+            box_cxcywh_to_xyxy(matched.boxes.to(src_boxes)),
             giou=False,
         ).clamp(min=0.01)
+        positive = (*query, matched.labels)
+        t = prob[positive].detach() ** self.focal_alpha * iou ** (1 - self.focal_alpha)
         pos_weights = torch.zeros_like(logits)
         neg_weights = prob.detach() ** self.focal_gamma
-        labels = target_classes[idx]
-        t = prob[idx[0], idx[1], labels].detach() ** self.focal_alpha * iou ** (
-            1 - self.focal_alpha
-        )
-        pos_weights[idx[0], idx[1], labels] = t
-        neg_weights[idx[0], idx[1], labels] = 1 - t
+        pos_weights[positive] = t
+        neg_weights[positive] = 1 - t
         loss = -pos_weights * F.logsigmoid(logits) - neg_weights * F.logsigmoid(-logits)
-        return loss.sum() / num_boxes
+        return loss.flatten(1).sum(1) / num_boxes
 
-    def loss_boxes(self, outputs, targets, indices, num_boxes) -> dict[str, torch.Tensor]:
-        """L1 and GIoU losses of the matched boxes, normalised by the number of target boxes."""
-        idx = self._matched_query_index(indices)
-        src_boxes = outputs["pred_boxes"][idx].float()  # [M, 4]
-        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).float()
-        target_boxes = target_boxes.to(src_boxes.device)
-        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none").sum() / num_boxes
-        giou = paired_generalized_box_iou(
+    def _box_losses(
+        self, boxes: torch.Tensor, matched: "Matches", num_boxes: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """L1 and GIoU losses of the matched boxes of L layers at once (boxes [L, N, Q, 4]),
+        normalised by the number of target boxes: two [L] tensors."""
+        src_boxes = boxes[matched.layer, matched.image, matched.query].float()  # [M, 4]
+        target_boxes = matched.boxes.to(src_boxes)
+        l1 = F.l1_loss(src_boxes, target_boxes, reduction="none").sum(1)
+        giou = 1 - paired_generalized_box_iou(
             box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes)
         )
-        return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
+        per_layer = torch.zeros(boxes.shape[0], 2, dtype=l1.dtype, device=l1.device)
+        per_layer = per_layer.index_add(0, matched.layer, torch.stack([l1, giou], 1))
+        return per_layer[:, 0] / num_boxes, per_layer[:, 1] / num_boxes
 
     def loss_masks(self, outputs, targets, indices, num_boxes) -> dict[str, torch.Tensor]:
         """Sigmoid focal (``loss_mask``) and Dice (``loss_dice``) losses of the matched masks.
@@ -294,13 +339,29 @@ class SetCriterion(nn.Module):
             gt_classes,
             gt_boxes,
         )
+        # box and class terms of all layers in one pass (few large ops instead of many small)
+        names = losses or self.losses
+        per_layer: dict[str, torch.Tensor] = {}
+        if "labels" in names or "boxes" in names:
+            logits = torch.stack([o["pred_logits"] for o, _ in layers])
+            boxes = torch.stack([o["pred_boxes"] for o, _ in layers])
+            matched = flatten_matches(all_indices, targets_all, logits.device)
+            if "labels" in names:
+                per_layer["loss_ce"] = self._class_losses(logits, boxes, matched, num_boxes)
+            if "boxes" in names:
+                per_layer["loss_bbox"], per_layer["loss_giou"] = self._box_losses(
+                    boxes, matched, num_boxes
+                )
         result = {}
-        for (layer_outputs, suffix), indices in zip(layers, all_indices):
-            for name in losses or self.losses:
-                if suffix and name in self._FINAL_LAYER_ONLY:
-                    continue
-                terms = self._loss_table()[name](layer_outputs, targets_all, indices, num_boxes)
-                result.update({k + suffix: v for k, v in terms.items()})
+        for layer, ((layer_outputs, suffix), indices) in enumerate(zip(layers, all_indices)):
+            for name in names:
+                if name in self._LAYER_TERMS:
+                    result.update(
+                        {k + suffix: per_layer[k][layer] for k in self._LAYER_TERMS[name]}
+                    )
+                elif not suffix:  # final layer only
+                    terms = self._loss_table()[name](layer_outputs, targets_all, indices, num_boxes)
+                    result.update(terms)
         group0 = {k: outputs[k][:n] for k in ("pred_logits", "pred_boxes")}
         metrics = self.metrics(group0, targets, all_indices[0][:n])
         return result, metrics, all_indices

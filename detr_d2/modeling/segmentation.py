@@ -25,6 +25,7 @@ __all__ = [
     "MaskHead",
     "MASK_HEAD_IN_FEATURES",
     "sigmoid_focal_loss",
+    "sigmoid_focal_terms",
     "dice_loss",
 ]
 
@@ -159,12 +160,18 @@ def sigmoid_focal_loss(
 ) -> torch.Tensor:
     """Focal loss (Lin et al. 2017) per pixel, averaged over pixels, summed over masks, divided
     by ``num_boxes`` (official DETR). logits, targets: [M, P] (targets in {0, 1})."""
+    return sigmoid_focal_terms(logits, targets, alpha, gamma).mean(1).sum() / num_boxes
+
+
+def sigmoid_focal_terms(
+    logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
+    """The focal loss of every element (any shape; targets in [0, 1]), not reduced."""
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = prob * targets + (1 - prob) * (1 - targets)
     alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-    loss = alpha_t * ce * (1 - p_t) ** gamma
-    return loss.mean(1).sum() / num_boxes
+    return alpha_t * ce * (1 - p_t) ** gamma
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_boxes: float) -> torch.Tensor:

@@ -105,3 +105,79 @@ def test_forward_weights_aux_terms_and_logs_diagnostics():
 def test_unknown_loss_term_rejected():
     with pytest.raises(ValueError, match="Unknown DETR loss"):
         SetCriterion(2, HungarianMatcher(), BASE, 0.1, losses=("labels", "masks_typo"))
+
+
+def _layer_reference(logits, boxes, targets, indices, num_boxes, class_loss, eos_coef=0.1):
+    """One layer's loss_ce, loss_bbox, loss_giou restated image by image, pair by pair."""
+    k = logits.shape[-1] - 1
+    ce_sum = weight_sum = l1 = giou = cls = 0.0
+    for i, (src, tgt) in enumerate(indices):
+        classes = torch.full((logits.shape[1],), k)
+        classes[src] = targets[i]["labels"][tgt]
+        weights = torch.where(classes == k, eos_coef, 1.0)
+        ce_sum += (weights * F.cross_entropy(logits[i], classes, reduction="none")).sum()
+        weight_sum += weights.sum()
+        for q, t in zip(src.tolist(), tgt.tolist()):
+            pred, target = boxes[i, q], targets[i]["boxes"][t]
+            l1 += (pred - target).abs().sum()
+            giou += (
+                1
+                - generalized_box_iou(
+                    box_cxcywh_to_xyxy(pred[None]), box_cxcywh_to_xyxy(target[None])
+                )[0, 0]
+            )
+        if class_loss == "focal":
+            onehot = F.one_hot(classes, k + 1)[:, :k].float()
+            p = logits[i, :, :k].sigmoid()
+            p_t = p * onehot + (1 - p) * (1 - onehot)
+            alpha_t = 0.25 * onehot + 0.75 * (1 - onehot)
+            bce = F.binary_cross_entropy_with_logits(logits[i, :, :k], onehot, reduction="none")
+            cls += (alpha_t * bce * (1 - p_t) ** 2).sum()
+    ce = ce_sum / weight_sum if class_loss == "softmax" else cls / num_boxes
+    return {"loss_ce": ce, "loss_bbox": l1 / num_boxes, "loss_giou": giou / num_boxes}
+
+
+@pytest.mark.parametrize("class_loss", ["softmax", "focal"])
+def test_all_layers_and_groups_in_one_pass_equal_each_layer_alone(class_loss):
+    """compute() takes the box and class terms of every layer and query group in one batched
+    pass: each layer's terms equal that layer's restated alone, with that layer's matches."""
+    torch.manual_seed(0)
+    groups, n, q, k, aux = 3, 2, 5, 3, 2
+    targets = [
+        {
+            "labels": torch.tensor([0, 2]),
+            "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]]),
+        },
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3]])},
+    ]
+
+    def layer():
+        return {
+            "pred_logits": torch.randn(groups * n, q, k + 1),
+            "pred_boxes": torch.rand(groups * n, q, 4) * 0.5 + 0.25,
+        }
+
+    outputs = dict(layer(), aux_outputs=[layer() for _ in range(aux)])
+    criterion = SetCriterion(
+        k,
+        HungarianMatcher(class_cost="focal" if class_loss == "focal" else "softmax"),
+        build_weight_dict(BASE, aux),
+        eos_coef=0.1,
+        class_loss=class_loss,
+    )
+    losses, _, indices = criterion.compute(outputs, targets, num_groups=groups)
+    num_boxes = 3.0 * groups
+    for i, layer_outputs in enumerate([outputs, *outputs["aux_outputs"]]):
+        suffix = "" if i == 0 else f"_{i - 1}"
+        expected = _layer_reference(
+            layer_outputs["pred_logits"],
+            layer_outputs["pred_boxes"],
+            targets * groups,
+            indices[i],
+            num_boxes,
+            class_loss,
+        )
+        for key, value in expected.items():
+            torch.testing.assert_close(
+                losses[key + suffix], torch.as_tensor(value), rtol=1e-5, atol=1e-6
+            )
