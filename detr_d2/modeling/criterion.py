@@ -20,7 +20,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from .box_ops import box_cxcywh_to_xyxy
+from .box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from .matcher import HungarianMatcher
 from .segmentation import dice_loss, sigmoid_focal_loss, sigmoid_focal_terms
 
@@ -82,23 +82,6 @@ def average_num_boxes(targets: list[dict[str, torch.Tensor]], device: torch.devi
         [float(sum(len(t["labels"]) for t in targets))], dtype=torch.float32, device=device
     )
     return torch.clamp(average_over_workers(num_boxes), min=1).item()
-
-
-def paired_generalized_box_iou(
-    boxes1: torch.Tensor, boxes2: torch.Tensor, giou: bool = True
-) -> torch.Tensor:
-    """GIoU (or with ``giou=False`` plain IoU) of ``boxes1[i]`` with ``boxes2[i]``: [M, 4] xyxy
-    each -> [M] (the diagonal of the pairwise matrix, without computing the M x M matrix)."""
-    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
-    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
-    inter_wh = torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])
-    inter = inter_wh.clamp(min=0).prod(-1)
-    union = area1 + area2 - inter
-    if not giou:
-        return inter / union
-    hull_wh = torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])
-    hull = hull_wh.clamp(min=0).prod(-1)
-    return inter / union - (hull - union) / hull
 
 
 class SetCriterion(nn.Module):

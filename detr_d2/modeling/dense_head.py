@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .box_ops import box_cxcywh_to_xyxy
-from .criterion import average_over_workers, paired_generalized_box_iou
+from .box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
+from .criterion import average_over_workers
 from .segmentation import sigmoid_focal_loss
 
 

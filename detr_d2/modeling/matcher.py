@@ -3,11 +3,12 @@
 Shapes: N images, Q queries, K + 1 logits (last = "no object"), G_i ground-truth boxes of image i.
 """
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 
 
 class HungarianMatcher(nn.Module):
@@ -42,10 +43,12 @@ class HungarianMatcher(nn.Module):
         self.focal_gamma = focal_gamma
 
     def _class_cost(self, logits: torch.Tensor, tgt_ids: torch.Tensor) -> torch.Tensor:
-        """[P, K+1] logits, [T] target classes -> [P, T] class cost (lower is better)."""
+        """[L, N, Q, K+1] logits, [N, G] target classes -> [L, N, Q, G] class cost (lower is
+        better)."""
+        index = tgt_ids[None, :, None, :].expand(*logits.shape[:3], -1)
         if self.class_cost == "softmax":
-            return -logits.softmax(-1)[:, tgt_ids]
-        prob = logits[:, tgt_ids].sigmoid()  # the "no object" column is unused with sigmoid
+            return -logits.softmax(-1).gather(-1, index)
+        prob = logits.gather(-1, index).sigmoid()  # the "no object" column is unused here
         alpha, gamma = self.focal_alpha, self.focal_gamma
         positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
         negative = (1 - alpha) * prob**gamma * -(1 - prob + 1e-8).log()
@@ -87,19 +90,25 @@ class HungarianMatcher(nn.Module):
         if sum(sizes) == 0:
             empty = torch.empty(0, dtype=torch.int64)
             return [[(empty, empty) for _ in range(n)] for _ in range(layers)]
-        # Every layer and image against all targets of the batch (one cost matrix); the
-        # cross-image blocks are discarded by the split below.
-        logits = pred_logits.flatten(0, 2).float()  # [L*N*Q, K+1]
-        boxes = pred_boxes.flatten(0, 2).float()  # [L*N*Q, 4]
-        tgt_ids = torch.cat(gt_classes)
-        tgt_boxes = torch.cat(gt_boxes).float()
-        cost_class = self._class_cost(logits, tgt_ids)  # [L*N*Q, sum G]
-        cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
-        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        # Each image's predictions against its own targets, padded to the largest count G of
+        # the batch (one [L, N, Q, G] cost; padded columns are cut before the assignment).
+        # Not against all targets of the batch: with query groups that is G times the work.
+        largest = max(sizes)
+        tgt_ids = torch.zeros(n, largest, dtype=torch.int64, device=pred_logits.device)
+        tgt_boxes = torch.full((n, largest, 4), 0.5, device=pred_logits.device)
+        for i, (classes, boxes) in enumerate(zip(gt_classes, gt_boxes)):
+            tgt_ids[i, : len(classes)] = classes
+            tgt_boxes[i, : len(boxes)] = boxes
+        boxes = pred_boxes.float()[:, :, :, None]  # [L, N, Q, 1, 4]
+        cost_class = self._class_cost(pred_logits.float(), tgt_ids)
+        cost_bbox = (boxes - tgt_boxes[None, :, None]).abs().sum(-1)
+        cost_giou = -paired_generalized_box_iou(
+            box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes)[None, :, None]
+        )
         cost = (
             self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         )
-        cost = cost.view(layers, n, q, -1).cpu()
+        cost = cost.cpu()
         if not torch.isfinite(cost).all():
             bad = [
                 name
@@ -110,16 +119,16 @@ class HungarianMatcher(nn.Module):
                 f"Non-finite matching cost (non-finite {bad or 'GIoU of degenerate boxes'}): the "
                 "model has diverged; lower SOLVER.BASE_LR or check the input data."
             )
-        blocks = cost.split(sizes, -1)  # image i's targets: blocks[i][layer, i] is [Q, G_i]
+        cost = cost.numpy()
         indices = []
         for layer in range(layers):
             indices.append([])
-            for i, block in enumerate(blocks):
-                pred_idx, gt_idx = linear_sum_assignment(block[layer, i])
+            for i, size in enumerate(sizes):
+                pred_idx, gt_idx = linear_sum_assignment(cost[layer, i, :, :size])
                 indices[-1].append(
                     (
-                        torch.as_tensor(pred_idx, dtype=torch.int64),
-                        torch.as_tensor(gt_idx, dtype=torch.int64),
+                        torch.from_numpy(pred_idx.astype(np.int64, copy=False)),
+                        torch.from_numpy(gt_idx.astype(np.int64, copy=False)),
                     )
                 )
         return indices

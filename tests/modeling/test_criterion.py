@@ -4,8 +4,8 @@ import torch.nn.functional as F
 from detectron2.utils.events import EventStorage
 from torchvision.ops import generalized_box_iou
 
-from detr_d2.modeling.box_ops import box_cxcywh_to_xyxy
-from detr_d2.modeling.criterion import SetCriterion, build_weight_dict, paired_generalized_box_iou
+from detr_d2.modeling.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
+from detr_d2.modeling.criterion import SetCriterion, build_weight_dict
 from detr_d2.modeling.matcher import HungarianMatcher
 
 BASE = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
@@ -55,6 +55,10 @@ def test_paired_giou_equals_diagonal():
     b = box_cxcywh_to_xyxy(torch.rand(30, 4, generator=g) * 0.5 + 0.1)
     assert torch.allclose(
         paired_generalized_box_iou(a, b), torch.diag(generalized_box_iou(a, b)), atol=1e-6
+    )
+    # broadcast: every box of a against every box of b, the pairwise matrix
+    torch.testing.assert_close(
+        paired_generalized_box_iou(a[:, None], b[None]), generalized_box_iou(a, b)
     )
 
 
