@@ -20,7 +20,13 @@ from .checkpoint import DetrCheckpointer
 from .compat import NonFiniteLossCheck, amp_run_step, init_default_trainer, start_data_loader
 from .data import DetrDatasetMapper, drop_degenerate_boxes
 from .data.categories import check_labels_fit
-from .data.resumable import ResumableTrainingSampler, SeededMapDataset, rng_state, set_rng_state
+from .data.resumable import (
+    ResumableTrainingSampler,
+    SeededMapDataset,
+    aspect_ratio_groups,
+    rng_state,
+    set_rng_state,
+)
 from .dev.model_report import log_model_report
 from .ema import EMAHook, unwrap
 from .evaluation import EVALUATORS, coco_evaluators, cocoeval_class
@@ -207,13 +213,18 @@ class DetrTrainer(DefaultTrainer):
         layout = layout_from_cfg(cfg)
         check_labels_fit(dataset, layout.num_classes, ", ".join(cfg.DATASETS.TRAIN))
         seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
-        sampler = ResumableTrainingSampler(len(dataset), seed=seed)
+        groups = None
+        if cfg.DATALOADER.ASPECT_RATIO_GROUPING:  # in the sampler, where it resumes exactly
+            groups = aspect_ratio_groups(dataset, ", ".join(cfg.DATASETS.TRAIN))
+        sampler = ResumableTrainingSampler(
+            len(dataset), seed=seed, groups=groups, batch_size=cfg.SOLVER.IMS_PER_BATCH
+        )
         loader = build_detection_train_loader(
             dataset=SeededMapDataset(dataset, DetrDatasetMapper(cfg, is_train=True)),
             mapper=None,
             sampler=sampler,
             total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
-            aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            aspect_ratio_grouping=False,  # the sampler's stream is grouped already
             num_workers=resolve_num_workers(cfg),
         )
         loader.resumable_sampler = sampler

@@ -100,7 +100,8 @@ SCHEDULE = [
 ]
 
 
-# every training-only convergence aid, each with its own state (queries, EMA, dense head)
+# every training-only convergence aid, each with its own state (queries, EMA, dense head),
+# and the grouped sample stream
 TRAINING_AIDS = [
     "MODEL.DETR.GROUPS",
     3,
@@ -111,6 +112,8 @@ TRAINING_AIDS = [
     "MODEL.DETR.DENSE_AUX.ENABLED",
     True,
     "SOLVER.EMA.ENABLED",
+    True,
+    "DATALOADER.ASPECT_RATIO_GROUPING",  # the sample config's grouped batches resume exactly too
     True,
 ]
 
