@@ -192,7 +192,17 @@ def dataset_dicts(cfg: CfgNode, is_train: bool) -> list[dict]:
 
 
 def dataset_batches(cfg: CfgNode, is_train: bool, batch_size: int, count: int) -> list[list[dict]]:
-    """``count`` batches of mapped images of the config's train (augmented) or test datasets."""
+    """``count`` batches of mapped images: for training, the first batches of the trainer's own
+    loader (its seeded sample stream, augmentation and aspect ratio grouping, so that the batch
+    shapes are those of a real run); for testing, the test set's first images."""
+    if is_train:
+        dataset_dicts(cfg, is_train)  # the check that the datasets are registered
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.SOLVER.IMS_PER_BATCH = batch_size
+        cfg.DATALOADER.NUM_WORKERS = 0
+        loader = iter(DetrTrainer.build_train_loader(cfg))
+        return [next(loader) for _ in range(count)]
     dicts = dataset_dicts(cfg, is_train)
     mapper = DetrDatasetMapper(cfg, is_train=is_train)
     stream = itertools.cycle(dicts)
@@ -341,7 +351,8 @@ def run_benchmark(
             for i in range(4)
         ]
     elif input_source == "dataset":
-        batches = dataset_batches(cfg, is_train, batch_size, count=4)
+        # training: 8 batches of varied shapes (the real stream), so the median is typical
+        batches = dataset_batches(cfg, is_train, batch_size, count=8 if is_train else 4)
     else:
         raise ValueError(f"--input must be 'synthetic' or 'dataset', got {input_source!r}.")
     sizes = [tuple(x["image"].shape[-2:]) for batch in batches for x in batch]

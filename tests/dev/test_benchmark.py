@@ -67,3 +67,40 @@ def test_benchmark_tool_writes_a_complete_record(task, bench_data, tmp_path, cap
     benchmark.main(["--table", str(output)])
     table = capsys.readouterr().out.strip().splitlines()[-3:]
     assert table[0].startswith("| record | task") and f"| {task} |" in table[2]
+
+
+def test_train_batches_are_the_trainers_batches(bench_data):
+    """--input dataset trains on the first batches of the trainer's own loader: with aspect
+    ratio grouping each batch holds one orientation, as in a real run."""
+    from detr_d2.dev.benchmark import dataset_batches
+    from detr_d2.engine import DetrTrainer
+
+    benchmark = load_tool("benchmark")
+    args = benchmark.parse_args(
+        [
+            "--config-file",
+            str(CONFIGS / "quick_schedules" / "detr_face_sample_instant_test.yaml"),
+            "--task",
+            "train",
+            *bench_data,
+            "DATALOADER.ASPECT_RATIO_GROUPING",
+            "True",
+            "DATALOADER.NUM_WORKERS",
+            "0",
+        ]
+    )
+    cfg = benchmark.setup(args)
+    batches = dataset_batches(cfg, True, batch_size=2, count=3)
+    for batch in batches:
+        assert len(batch) == 2
+        assert len({d["width"] > d["height"] for d in batch}) == 1
+    loader = iter(DetrTrainer.build_train_loader(_with_batch(cfg, 2)))
+    for batch in batches:
+        assert [d["image_id"] for d in batch] == [d["image_id"] for d in next(loader)]
+
+
+def _with_batch(cfg, batch_size):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.SOLVER.IMS_PER_BATCH = batch_size
+    return cfg
