@@ -138,6 +138,10 @@ def add_detr_config(cfg: CN) -> None:
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     # Optimizer: "ADAMW" (official) or "SGD" (Detectron2's default).
     cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # One fused kernel for all parameters' updates (PyTorch's fused=True) instead of a loop of
+    # small ops per parameter: the same update up to float rounding, ~10 ms less per step of the
+    # CPU sample model. Off: the official configs keep the update they always ran.
+    cfg.SOLVER.FUSED_OPTIMIZER = False
 
     # COCOeval of box/mask AP: "faster_coco_eval", "pycocotools", "auto" (the first if installed).
     cfg.TEST.COCO_EVAL_BACKEND = "auto"

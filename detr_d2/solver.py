@@ -69,7 +69,8 @@ def _with_full_model_clipping(
 
 def build_detr_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
     """``SOLVER.OPTIMIZER`` "ADAMW" (official) or "SGD", with ``SOLVER.CLIP_GRADIENTS``:
-    ``CLIP_TYPE`` "full_model" clips the global gradient norm to ``CLIP_VALUE``."""
+    ``CLIP_TYPE`` "full_model" clips the global gradient norm to ``CLIP_VALUE``;
+    ``SOLVER.FUSED_OPTIMIZER`` uses PyTorch's fused implementation."""
     name = cfg.SOLVER.OPTIMIZER.upper()
     params = optimizer_param_groups(cfg, model)
     if name == "ADAMW":
@@ -90,6 +91,8 @@ def build_detr_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Op
                 f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be 'full_model' for DETR, got {clip.CLIP_TYPE!r}."
             )
         optimizer_type = _with_full_model_clipping(optimizer_type, clip.CLIP_VALUE, clip.NORM_TYPE)
+    if cfg.SOLVER.FUSED_OPTIMIZER:
+        kwargs["fused"] = True
     return optimizer_type(
         params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **kwargs
     )
