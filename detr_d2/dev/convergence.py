@@ -182,8 +182,8 @@ def read_curve(
 ) -> dict[str, list[float]]:
     """``iteration`` and ``<set>/<label>`` of every metric (:func:`metric_label`: ``<set>/AP50``
     for ``bbox/AP50``) at every evaluation of one run, from Detectron2's ``metrics.json`` (one
-    JSON object per line). With one test set Detectron2 writes ``bbox/AP`` without the set name. The iteration of an evaluation is the number of
-    steps trained before it: a periodic evaluation is written at the iteration of the step it
+    JSON object per line). With one test set Detectron2 writes ``bbox/AP`` without the set name.
+    The iteration of an evaluation is the number of steps trained before it: a periodic evaluation is written at the iteration of the step it
     follows (+1), the final one in a row of its own at ``MAX_ITER``, one past the last step's
     row (as is)."""
     records = [json.loads(line) for line in open(path / "metrics.json")]
@@ -266,7 +266,8 @@ def _mean_curve(curves: dict[int, dict], key: str):
 
 def markdown_report(spec: dict, results: dict, speeds: dict[str, float], baseline: str) -> str:
     """Tables: per variant, seconds per iteration (and overhead vs ``baseline``), and each metric
-    (default AP50, AP) of every eval set at every evaluated iteration (mean over seeds, seeds in brackets)."""
+    (default AP50, AP) of every eval set at every evaluated iteration (mean over seeds, seeds in
+    brackets)."""
     lines = ["| variant | s/iteration | overhead vs " + baseline + " |", "|---|---|---|"]
     for variant in results:
         if variant in speeds:

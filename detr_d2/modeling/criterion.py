@@ -155,13 +155,6 @@ class SetCriterion(nn.Module):
     # the others ("masks") on the final layer only
     _LAYER_TERMS = {"labels": ("loss_ce",), "boxes": ("loss_bbox", "loss_giou")}
 
-    @staticmethod
-    def _matched_query_index(indices: Indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """(image index [M], query index [M]) of every matched prediction."""
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        src_idx = torch.cat([src for src, _ in indices])
-        return batch_idx, src_idx
-
     def loss_labels(self, outputs, targets, indices, num_boxes) -> dict[str, torch.Tensor]:
         """``loss_ce`` of one decoder layer (:meth:`_class_losses`)."""
         matched = flatten_matches([indices], targets, outputs["pred_logits"].device)
@@ -253,8 +246,8 @@ class SetCriterion(nn.Module):
         As the official code: target masks are zero-padded to the batch's largest H, W and the
         predicted logits are upsampled (bilinear, ``align_corners=False``) to that size.
         """
-        batch_idx, src_idx = self._matched_query_index(indices)
-        pred_masks = outputs["pred_masks"][batch_idx, src_idx].float()  # [M, H4, W4]
+        matched = flatten_matches([indices], targets, outputs["pred_masks"].device)
+        pred_masks = outputs["pred_masks"][matched.image, matched.query].float()  # [M, H4, W4]
         height = max(t["masks"].shape[-2] for t in targets)
         width = max(t["masks"].shape[-1] for t in targets)
         gt_masks = torch.cat(
@@ -282,12 +275,11 @@ class SetCriterion(nn.Module):
         logits = outputs["pred_logits"]
         if self.class_loss != "softmax":
             logits = logits[..., : self.num_classes]
-        idx = self._matched_query_index(indices)
-        target_classes_o = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-        if target_classes_o.numel() == 0:
+        matched = flatten_matches([indices], targets, logits.device)
+        if matched.labels.numel() == 0:
             class_error = 100.0
         else:
-            correct = logits[idx].argmax(-1) == target_classes_o.to(logits.device)
+            correct = logits[matched.image, matched.query].argmax(-1) == matched.labels
             class_error = 100.0 - 100.0 * correct.float().mean().item()
         if self.class_loss == "softmax":
             num_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
