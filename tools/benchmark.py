@@ -23,6 +23,15 @@ largest test image) with random boxes; ``--input dataset`` uses the config's dat
 DETR's mapper. The record (printed, and written to ``--output``, default
 ``OUTPUT_DIR/benchmark_<task>.json``) names the device, threads, precision and versions;
 ``--table A.json B.json ...`` prints records side by side as a markdown table.
+
+``--compare LABEL "KEY VALUE ..."`` (repeatable; train and inference tasks) measures the config
+(label ``base``) and each variant (the config with those overrides on top) in one process,
+interleaved call by call, and reports each variant's median ratio to ``base`` over the rounds:
+on a machine whose speed drifts, that resolves a 10 % change where separate runs do not::
+
+    python tools/benchmark.py --config-file configs/detr_face_sample.yaml --task train \
+        --input dataset --iters 20 --compare fp32_attention_off "MODEL.DETR.ATTENTION_FP32 False" \
+        --compare looped_adamw "SOLVER.FUSED_OPTIMIZER False"
 Arguments after the options are config overrides (``KEY VALUE`` pairs).
 """
 
@@ -37,6 +46,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 
 import torch
@@ -45,7 +55,13 @@ from detectron2.utils.logger import setup_logger
 
 from detr_d2 import add_detr_config
 from detr_d2.data import register_datasets_from_cfg
-from detr_d2.dev.benchmark import TASKS, markdown_table, run_benchmark
+from detr_d2.dev.benchmark import (
+    TASKS,
+    compare_interleaved,
+    comparison_table,
+    markdown_table,
+    run_benchmark,
+)
 from detr_d2.engine import resolve_device
 from detr_d2.export import BACKENDS, exported_model
 from detr_d2.predictor import DetrPredictor
@@ -108,6 +124,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=20,
         help="data task: batches drawn from the loader (default 20)",
     )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        action="append",
+        metavar=("LABEL", "OVERRIDES"),
+        help='train/inference: also measure the config with these overrides ("KEY VALUE ..."), '
+        "interleaved with it in one process (repeatable)",
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--label", default="", help="free text stored in the record")
     parser.add_argument("--output", help="JSON file (default OUTPUT_DIR/benchmark_<task>.json)")
@@ -118,11 +142,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def setup(args: argparse.Namespace):
+def setup(args: argparse.Namespace, extra_opts: list[str] = ()):
     cfg = get_cfg()
     add_detr_config(cfg)
     cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg.merge_from_list([*args.opts, *extra_opts])
     if args.weights:
         cfg.MODEL.WEIGHTS = args.weights
     if args.precision:
@@ -157,22 +181,43 @@ def main(argv: list[str] | None = None) -> dict | None:
         torch.set_num_threads(args.threads)
     cfg = setup(args)
     output = args.output or os.path.join(cfg.OUTPUT_DIR, f"benchmark_{args.task}.json")
-    if args.backend != "pytorch" and args.task not in ("inference", "eval"):
-        raise ValueError(f"--backend {args.backend} measures the inference and eval tasks only.")
-    record = run_benchmark(
-        cfg,
-        args.task,
-        build_model=load_model
-        if args.backend == "pytorch"
-        else (lambda cfg: exported_model(cfg, args.backend, args.exported)),
-        input_source=args.input,
-        batch_size=args.batch_size,
-        image_size=tuple(args.image_size) if args.image_size else None,
-        warmup=args.warmup,
-        iters=args.iters,
-        loader_batches=args.loader_batches,
-        output_dir=os.path.join(cfg.OUTPUT_DIR, "benchmark_eval"),
-    )
+    if args.backend != "pytorch" and (args.compare or args.task not in ("inference", "eval")):
+        raise ValueError(
+            f"--backend {args.backend} measures the inference and eval tasks only, without "
+            "--compare."
+        )
+    if args.compare:
+        variants = {"base": cfg}
+        for label, overrides in args.compare:
+            if label in variants:
+                raise ValueError(f"--compare label {label!r} is used twice.")
+            variants[label] = setup(args, shlex.split(overrides))
+        record = compare_interleaved(
+            variants,
+            args.task,
+            build_model=load_model,
+            input_source=args.input,
+            batch_size=args.batch_size,
+            image_size=tuple(args.image_size) if args.image_size else None,
+            warmup=args.warmup,
+            iters=args.iters,
+        )
+        record["compare"] = {label: shlex.split(o) for label, o in args.compare}
+    else:
+        record = run_benchmark(
+            cfg,
+            args.task,
+            build_model=load_model
+            if args.backend == "pytorch"
+            else (lambda cfg: exported_model(cfg, args.backend, args.exported)),
+            input_source=args.input,
+            batch_size=args.batch_size,
+            image_size=tuple(args.image_size) if args.image_size else None,
+            warmup=args.warmup,
+            iters=args.iters,
+            loader_batches=args.loader_batches,
+            output_dir=os.path.join(cfg.OUTPUT_DIR, "benchmark_eval"),
+        )
     record.update(
         config_file=args.config_file,
         opts=args.opts,
@@ -184,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     with open(output, "w") as f:
         json.dump(record, f, indent=2)
     print(json.dumps(record, indent=2))
+    if args.compare:
+        print(comparison_table(record))
     logger.info(f"Benchmark record written to {output}")
     return record
 

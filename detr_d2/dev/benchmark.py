@@ -173,21 +173,27 @@ def synthetic_batch(
     return batch
 
 
-def dataset_dicts(cfg: CfgNode, is_train: bool) -> list[dict]:
-    """The dataset dicts of ``DATASETS.TRAIN`` (as training sees them) or ``DATASETS.TEST[0]``."""
+def _registered_names(cfg: CfgNode, is_train: bool) -> list[str]:
+    """``DATASETS.TRAIN`` or ``DATASETS.TEST[0]``, checked to be registered."""
     names, key = (
-        (cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+        (list(cfg.DATASETS.TRAIN), "DATASETS.TRAIN")
         if is_train
-        else (cfg.DATASETS.TEST[:1], "DATASETS.TEST")
+        else (list(cfg.DATASETS.TEST[:1]), "DATASETS.TEST")
     )
     missing = [n for n in names if n not in DatasetCatalog.list()]
     if not names or missing:
         raise ValueError(
-            f"This benchmark needs registered datasets in {key}, got {list(names)} "
+            f"This benchmark needs registered datasets in {key}, got {names} "
             f"(unregistered: {missing}); register them (DATASETS.REGISTER_COCO), or use "
             "--input synthetic for inference and train."
         )
-    dicts = get_detection_dataset_dicts(list(names), filter_empty=False)
+    return names
+
+
+def dataset_dicts(cfg: CfgNode, is_train: bool) -> list[dict]:
+    """The dataset dicts of ``DATASETS.TRAIN`` (as training sees them) or ``DATASETS.TEST[0]``."""
+    names = _registered_names(cfg, is_train)
+    dicts = get_detection_dataset_dicts(names, filter_empty=False)
     return drop_degenerate_boxes(dicts, ", ".join(names)) if is_train else dicts
 
 
@@ -196,7 +202,7 @@ def dataset_batches(cfg: CfgNode, is_train: bool, batch_size: int, count: int) -
     loader (its seeded sample stream, augmentation and aspect ratio grouping, so that the batch
     shapes are those of a real run); for testing, the test set's first images."""
     if is_train:
-        dataset_dicts(cfg, is_train)  # the check that the datasets are registered
+        _registered_names(cfg, is_train)  # a clear error before the loader's own
         cfg = cfg.clone()
         cfg.defrost()
         cfg.SOLVER.IMS_PER_BATCH = batch_size
@@ -210,45 +216,64 @@ def dataset_batches(cfg: CfgNode, is_train: bool, batch_size: int, count: int) -
 
 
 # ------------------------------------------------------------------------------ tasks
-def benchmark_inference(
-    cfg: CfgNode, model: torch.nn.Module, batches: list[list[dict]], warmup: int, iters: int
-) -> dict:
-    """Images per second through ``model`` in eval mode, post-processing included."""
+def inference_call(model: torch.nn.Module, batches: list[list[dict]]) -> Callable[[], None]:
+    """One call = one batch through ``model`` in eval mode, post-processing included."""
     model.eval()
-    device = torch.device(cfg.MODEL.DEVICE)
     calls = itertools.cycle(batches)
 
     def run():
         with torch.no_grad():
             model(next(calls))
 
-    times = time_calls(run, warmup, iters, device, "inference")
+    return run
+
+
+def train_call(
+    cfg: CfgNode, model: torch.nn.Module, batches: list[list[dict]]
+) -> tuple[Callable[[], None], EventStorage]:
+    """One call = one iteration of the trainer's own ``run_step`` (forward, matching, losses,
+    backward, clipping, optimizer step) on pre-loaded batches, inside its own event storage
+    (so that interleaved models keep apart the iteration counts and losses they log)."""
+    model.train()
+    optimizer = build_detr_optimizer(cfg, model)
+    step_trainer = build_step_trainer(cfg, model, itertools.cycle(batches), optimizer)
+    storage = EventStorage(0)
+
+    def run():
+        with storage:
+            step_trainer.run_step()
+            step_trainer.iter += 1
+            storage.iter += 1
+
+    return run, storage
+
+
+def _first_last_loss(storage: EventStorage) -> list[float] | None:
+    if "total_loss" not in storage.histories():
+        return None
+    losses = storage.history("total_loss").values()
+    return [losses[0][0], losses[-1][0]]
+
+
+def benchmark_inference(
+    cfg: CfgNode, model: torch.nn.Module, batches: list[list[dict]], warmup: int, iters: int
+) -> dict:
+    """Images per second through ``model`` in eval mode, post-processing included."""
+    device = torch.device(cfg.MODEL.DEVICE)
+    times = time_calls(inference_call(model, batches), warmup, iters, device, "inference")
     return summarize_times(times, len(batches[0]), "images")
 
 
 def benchmark_train(
     cfg: CfgNode, model: torch.nn.Module, batches: list[list[dict]], warmup: int, iters: int
 ) -> dict:
-    """Seconds per training iteration through the trainer's own ``run_step`` (forward, matching,
-    losses, backward, clipping, optimizer step), on pre-loaded batches: data loading is timed
-    separately by the ``data`` task."""
-    model.train()
+    """Seconds per training iteration through the trainer's own ``run_step``, on pre-loaded
+    batches: data loading is timed separately by the ``data`` task."""
     device = torch.device(cfg.MODEL.DEVICE)
-    optimizer = build_detr_optimizer(cfg, model)
-    step_trainer = build_step_trainer(cfg, model, itertools.cycle(batches), optimizer)
-    with EventStorage(0) as storage:
-
-        def run():
-            step_trainer.run_step()
-            step_trainer.iter += 1
-            storage.iter += 1
-
-        times = time_calls(run, warmup, iters, device, "train step")
-        losses = (
-            storage.history("total_loss").values() if "total_loss" in storage.histories() else []
-        )
+    run, storage = train_call(cfg, model, batches)
+    times = time_calls(run, warmup, iters, device, "train step")
     record = summarize_times(times, len(batches[0]), "images")
-    record["total_loss_first_last"] = [losses[0][0], losses[-1][0]] if losses else None
+    record["total_loss_first_last"] = _first_last_loss(storage)
     return record
 
 
@@ -340,6 +365,25 @@ def run_benchmark(
         record.update(memory_record(device))
         return record
 
+    model, batches, shapes = prepare_model_and_batches(
+        cfg, is_train, build_model, input_source, batch_size, image_size
+    )
+    record.update(shapes)
+    run = benchmark_train if is_train else benchmark_inference
+    record.update(run(cfg, model, batches, warmup, iters))
+    record.update(memory_record(device))
+    return record
+
+
+def prepare_model_and_batches(
+    cfg: CfgNode,
+    is_train: bool,
+    build_model: Callable[[CfgNode], torch.nn.Module],
+    input_source: str,
+    batch_size: int | None,
+    image_size: tuple[int, int] | None,
+) -> tuple[torch.nn.Module, list[list[dict]], dict]:
+    """The model (the inference graph for inference), its input batches and their shapes."""
     batch_size = batch_size or (cfg.SOLVER.IMS_PER_BATCH if is_train else 1)
     if input_source == "synthetic":
         if image_size is None:
@@ -356,7 +400,7 @@ def run_benchmark(
     else:
         raise ValueError(f"--input must be 'synthetic' or 'dataset', got {input_source!r}.")
     sizes = [tuple(x["image"].shape[-2:]) for batch in batches for x in batch]
-    record.update(
+    shapes = dict(
         batch_size=batch_size,
         image_size=list(image_size) if image_size else None,
         mean_image_hw=[
@@ -367,10 +411,94 @@ def run_benchmark(
     model = build_model(cfg)
     if not is_train:
         model = inference_model(model.eval(), cfg)
-    run = benchmark_train if is_train else benchmark_inference
-    record.update(run(cfg, model, batches, warmup, iters))
-    record.update(memory_record(device))
-    return record
+    return model, batches, shapes
+
+
+def compare_interleaved(
+    variants: dict[str, CfgNode],
+    task: str,
+    *,
+    build_model: Callable[[CfgNode], torch.nn.Module],
+    input_source: str = "synthetic",
+    batch_size: int | None = None,
+    image_size: tuple[int, int] | None = None,
+    warmup: int = 2,
+    iters: int = 10,
+) -> dict:
+    """Configs side by side in one process: every round times one call of each variant, in an
+    order that rotates by round, so a machine that speeds up or slows down (other processes,
+    clocks; up to 25 % within minutes on shared 2-core machines) affects every variant alike.
+    Each variant's speed is also given as the median of its per-round ratio to the first
+    variant, the number that resolves a 10 % change where separate runs cannot.
+
+    Each variant builds its model and batches from its own config (the same batches when the
+    variants do not change the data)."""
+    if task not in ("train", "inference"):
+        raise ValueError(
+            f"Interleaved comparison measures the train and inference tasks, not {task!r}."
+        )
+    is_train = task == "train"
+    labels = list(variants)
+    calls, storages, records = {}, {}, {}
+    for label, cfg in variants.items():
+        model, batches, shapes = prepare_model_and_batches(
+            cfg, is_train, build_model, input_source, batch_size, image_size
+        )
+        if is_train:
+            calls[label], storages[label] = train_call(cfg, model, batches)
+        else:
+            calls[label] = inference_call(model, batches)
+        records[label] = {**shapes, "items_per_call": len(batches[0])}
+    device = torch.device(next(iter(variants.values())).MODEL.DEVICE)
+    for label in labels:
+        for _ in range(warmup):
+            calls[label]()
+    _synchronize(device)
+    times = {label: [] for label in labels}
+    for round_index in tqdm(range(iters), desc="interleaved rounds", leave=False, disable=None):
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            start = time.perf_counter()
+            calls[label]()
+            _synchronize(device)
+            times[label].append(time.perf_counter() - start)
+    base = np.asarray(times[labels[0]])
+    for label in labels:
+        ratios = np.asarray(times[label]) / base
+        record = records[label]
+        record.update(summarize_times(times[label], record.pop("items_per_call"), "images"))
+        record.pop("warmup_seconds")
+        record.update(
+            ratio_to_first_median=float(np.median(ratios)),
+            ratio_to_first_p25=float(np.percentile(ratios, 25)),
+            ratio_to_first_p75=float(np.percentile(ratios, 75)),
+        )
+        if is_train:
+            record["total_loss_first_last"] = _first_last_loss(storages[label])
+    first = next(iter(variants.values()))
+    return {
+        "task": task,
+        "mode": "interleaved",
+        **environment_record(first),
+        "input": input_source,
+        "variants": records,
+        **memory_record(device),
+    }
+
+
+def comparison_table(record: dict) -> str:
+    """An interleaved comparison as markdown: one row per variant, ratios to the first."""
+    rows = [
+        "| variant | median s | p25-p75 s | ratio to first (median of rounds) | p25-p75 |",
+        "|---|---|---|---|---|",
+    ]
+    for label, r in record["variants"].items():
+        rows.append(
+            f"| {label} | {r['seconds_median']:.4g} | {r['seconds_p25']:.3f}-{r['seconds_p75']:.3f} "
+            f"| {r['ratio_to_first_median']:.3f} | {r['ratio_to_first_p25']:.3f}-"
+            f"{r['ratio_to_first_p75']:.3f} |"
+        )
+    return "\n".join(rows)
 
 
 def markdown_table(records: list[dict]) -> str:

@@ -104,3 +104,43 @@ def _with_batch(cfg, batch_size):
     cfg.defrost()
     cfg.SOLVER.IMS_PER_BATCH = batch_size
     return cfg
+
+
+def test_compare_interleaves_variants_with_their_own_configs(bench_data, tmp_path, capsys):
+    """--compare times the config and each variant in one process, every variant once per
+    round; each is built from its own overrides (here a batch of 1 against 2), and the ratios
+    refer to the base (whose ratio to itself is exactly 1)."""
+    benchmark = load_tool("benchmark")
+    output = tmp_path / "compare.json"
+    record = benchmark.main(
+        [
+            "--config-file",
+            str(CONFIGS / "quick_schedules" / "detr_face_sample_instant_test.yaml"),
+            "--task",
+            "train",
+            "--input",
+            "dataset",
+            "--warmup",
+            "1",
+            "--iters",
+            "3",
+            "--output",
+            str(output),
+            "--compare",
+            "batch1",
+            "SOLVER.IMS_PER_BATCH 1",
+            *bench_data,
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert json.loads(output.read_text())["variants"].keys() == {"base", "batch1"}
+    base, batch1 = record["variants"]["base"], record["variants"]["batch1"]
+    assert (base["batch_size"], batch1["batch_size"]) == (2, 1)
+    assert base["timed_calls"] == batch1["timed_calls"] == 3
+    assert base["ratio_to_first_median"] == 1.0
+    assert batch1["ratio_to_first_p25"] <= batch1["ratio_to_first_median"] > 0
+    assert len(batch1["total_loss_first_last"]) == 2
+    assert record["compare"] == {"batch1": ["SOLVER.IMS_PER_BATCH", "1"]}
+    table = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert table[0].startswith("| base |") and table[1].startswith("| batch1 |")
