@@ -70,6 +70,16 @@ def add_detr_config(cfg: CN) -> None:
     cfg.MODEL.DETR.ONE_TO_MANY.NUM_QUERIES = 0
     cfg.MODEL.DETR.ONE_TO_MANY.REPEAT = 6
     cfg.MODEL.DETR.ONE_TO_MANY.WEIGHT = 1.0
+    # DN-DETR denoising queries: GROUPS copies of the ground truth, boxes jittered by up to
+    # BOX_NOISE of their size and labels flipped with probability LABEL_NOISE, enter the decoder
+    # through a training-only encoder of box and label; each copy is trained to reconstruct its
+    # boxes, no matching involved. Self-attention keeps them apart from the matching queries and
+    # from each other. Losses weighted by WEIGHT. GROUPS 0 = off.
+    cfg.MODEL.DETR.DENOISING = CN()
+    cfg.MODEL.DETR.DENOISING.GROUPS = 0
+    cfg.MODEL.DETR.DENOISING.BOX_NOISE = 0.4
+    cfg.MODEL.DETR.DENOISING.LABEL_NOISE = 0.2
+    cfg.MODEL.DETR.DENOISING.WEIGHT = 1.0
     # Dense auxiliary head (Co-DETR style, FCOS-like) on the encoder output: focal class loss and
     # GIoU box loss at every location near an object centre, weighted by WEIGHT.
     cfg.MODEL.DETR.DENSE_AUX = CN()

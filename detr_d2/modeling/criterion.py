@@ -289,7 +289,12 @@ class SetCriterion(nn.Module):
         return {"class_error": class_error, "cardinality_error": F.l1_loss(num_pred, num_gt).item()}
 
     def compute(
-        self, outputs, targets, num_groups: int = 1, losses: Sequence[str] = ()
+        self,
+        outputs,
+        targets,
+        num_groups: int = 1,
+        losses: Sequence[str] = (),
+        identity_matches: bool = False,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float], list[Indices]]:
         """Unweighted losses of every layer, last-layer metrics, and the matches of every layer
         (last layer first, then the auxiliary layers in order).
@@ -298,7 +303,9 @@ class SetCriterion(nn.Module):
         stacked group-major along the batch ([G*N, Q, ...], entry g*N + i is group g of image
         i): each group is matched one-to-one to the N images' targets, and every loss is the
         mean over groups (normalised by G times the box count). Metrics are those of group 0,
-        the queries inference uses. ``losses`` overrides ``self.losses`` (default: all)."""
+        the queries inference uses. ``losses`` overrides ``self.losses`` (default: all).
+        ``identity_matches``: no Hungarian matching, query j is target j of its image (the
+        denoising queries, built from the targets in order)."""
         n = len(targets)
         num_boxes = average_num_boxes(targets, outputs["pred_logits"].device) * num_groups
         targets_all = list(targets) * num_groups
@@ -307,13 +314,16 @@ class SetCriterion(nn.Module):
         layers = [(outputs, "")] + [
             (aux, f"_{i}") for i, aux in enumerate(outputs.get("aux_outputs", []))
         ]
-        # all layers matched together: one device-to-host transfer per batch
-        all_indices = self.matcher.match_layers(
-            torch.stack([o["pred_logits"].detach() for o, _ in layers]),
-            torch.stack([o["pred_boxes"].detach() for o, _ in layers]),
-            gt_classes,
-            gt_boxes,
-        )
+        if identity_matches:
+            pairs = [(torch.arange(len(c)), torch.arange(len(c))) for c in gt_classes]
+            all_indices = [pairs] * len(layers)
+        else:  # all layers matched together: one device-to-host transfer per batch
+            all_indices = self.matcher.match_layers(
+                torch.stack([o["pred_logits"].detach() for o, _ in layers]),
+                torch.stack([o["pred_boxes"].detach() for o, _ in layers]),
+                gt_classes,
+                gt_boxes,
+            )
         # box and class terms of all layers in one pass (few large ops instead of many small)
         names = losses or self.losses
         per_layer: dict[str, torch.Tensor] = {}
@@ -342,12 +352,15 @@ class SetCriterion(nn.Module):
         return result, metrics, all_indices
 
     def forward(
-        self, outputs, targets, num_groups: int = 1, one_to_many=None
+        self, outputs, targets, num_groups: int = 1, one_to_many=None, denoising=None
     ) -> dict[str, torch.Tensor]:
         """Weighted losses. ``num_groups``: see :meth:`compute`. ``one_to_many``: optional
         ``(outputs, repeat, weight)`` of the training-only one-to-many queries (H-DETR): matched
         to every target repeated ``repeat`` times, box and class terms only, weighted by
-        ``weight`` on top of the usual weights, keys suffixed ``_o2m``."""
+        ``weight`` on top of the usual weights, keys suffixed ``_o2m``. ``denoising``: optional
+        ``(outputs, groups, weight)`` of the denoising queries (DN-DETR; ``groups`` copies
+        stacked group-major along the batch), each query supervised by the target it was made
+        from, keys suffixed ``_dn``."""
         losses, metrics, _ = self.compute(outputs, targets, num_groups)
         storage = get_event_storage()
         for name, value in metrics.items():
@@ -362,6 +375,14 @@ class SetCriterion(nn.Module):
             o2m_losses, _, _ = self.compute(o2m_outputs, repeated, losses=("labels", "boxes"))
             weighted.update(
                 {k + "_o2m": v * self.weight_dict[k] * weight for k, v in o2m_losses.items()}
+            )
+        if denoising is not None:
+            dn_outputs, groups, weight = denoising
+            dn_losses, _, _ = self.compute(
+                dn_outputs, targets, groups, losses=("labels", "boxes"), identity_matches=True
+            )
+            weighted.update(
+                {k + "_dn": v * self.weight_dict[k] * weight for k, v in dn_losses.items()}
             )
         return weighted
 

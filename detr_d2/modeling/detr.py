@@ -37,7 +37,7 @@ from .postprocessing import (
     instances_results,
 )
 from .segmentation import MASK_HEAD_IN_FEATURES, MaskAttentionMap, MaskHead
-from .training_queries import TrainingQueries
+from .training_queries import DenoisingQueries, TrainingQueries, block_diagonal_mask
 from .transformer import Transformer
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,33 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
         return x
+
+
+def _denoising_queries(detr_cfg, num_classes: int) -> DenoisingQueries | None:
+    """``MODEL.DETR.DENOISING``'s queries, or None when its GROUPS is 0."""
+    groups = detr_cfg.DENOISING.GROUPS
+    if groups < 0:
+        raise ValueError(f"MODEL.DETR.DENOISING.GROUPS must be >= 0 (0 = off), got {groups}.")
+    if groups == 0:
+        return None
+    return DenoisingQueries(
+        hidden_dim=detr_cfg.HIDDEN_DIM,
+        num_classes=num_classes,
+        num_groups=groups,
+        box_noise=detr_cfg.DENOISING.BOX_NOISE,
+        label_noise=detr_cfg.DENOISING.LABEL_NOISE,
+    )
+
+
+def _layer_outputs(layer_logits: torch.Tensor, layer_boxes: torch.Tensor) -> dict:
+    """[L, ...] logits and boxes of every decoder layer -> the criterion's outputs dict: the
+    last layer's, with the earlier ones under ``aux_outputs``."""
+    outputs = {"pred_logits": layer_logits[-1], "pred_boxes": layer_boxes[-1]}
+    if len(layer_logits) > 1:
+        outputs["aux_outputs"] = [
+            {"pred_logits": a, "pred_boxes": b} for a, b in zip(layer_logits[:-1], layer_boxes[:-1])
+        ]
+    return outputs
 
 
 def num_aux_layers(transformer: Transformer) -> int:
@@ -162,6 +189,8 @@ class Detr(nn.Module):
         score_activation: str = "softmax",
         dense_head: DenseAuxHead | None = None,
         dense_weight: float = 1.0,
+        denoising: DenoisingQueries | None = None,
+        denoising_weight: float = 1.0,
         size_divisibility_train: int = 0,
     ):
         """
@@ -199,6 +228,8 @@ class Detr(nn.Module):
                 used in training only; inference runs the plain queries.
             dense_head: a training-only dense detection head on the encoder output.
             dense_weight: weight of its losses.
+            denoising: training-only denoising queries (DN-DETR), or None.
+            denoising_weight: weight of their losses.
             size_divisibility_train: pad training batches to a multiple of this (0: to the
                 largest image, as the official batching): few distinct batch shapes let oneDNN
                 reuse its convolution kernels instead of creating new ones for every batch.
@@ -283,22 +314,24 @@ class Detr(nn.Module):
             nn.init.constant_(self.class_embed.bias, -math.log(99.0))
         # Parts that exist only for training; the inference model drops them (inference_graph).
         self.train_only = nn.ModuleDict()
-        if training_queries is not None and training_queries.active:
+        aids = {
+            "queries": ("MODEL.DETR.GROUPS > 1 and MODEL.DETR.ONE_TO_MANY", training_queries),
+            "dense_head": ("MODEL.DETR.DENSE_AUX", dense_head),
+            "denoising": ("MODEL.DETR.DENOISING", denoising),
+        }
+        for name, (keys, module) in aids.items():
+            if module is None or (name == "queries" and not module.active):
+                continue
             if mask_on:
                 raise ValueError(
-                    "MODEL.DETR.GROUPS > 1 and MODEL.DETR.ONE_TO_MANY are box-model training aids: "
-                    "set them in the box stage, not with MODEL.MASK_ON."
+                    f"{keys} are box-model training aids: set them in the box stage, not with "
+                    "MODEL.MASK_ON."
                 )
-            self.train_only["queries"] = training_queries
+            self.train_only[name] = module
         self.one_to_many_repeat = one_to_many_repeat
         self.one_to_many_weight = one_to_many_weight
-        if dense_head is not None:
-            if mask_on:
-                raise ValueError(
-                    "MODEL.DETR.DENSE_AUX is a box-model training aid: not with MODEL.MASK_ON."
-                )
-            self.train_only["dense_head"] = dense_head
         self.dense_weight = dense_weight
+        self.denoising_weight = denoising_weight
         self.size_divisibility_train = size_divisibility_train
 
     def _freeze_detection(self) -> None:
@@ -394,6 +427,8 @@ class Detr(nn.Module):
             if detr.DENSE_AUX.ENABLED
             else None,
             "dense_weight": detr.DENSE_AUX.WEIGHT,
+            "denoising": _denoising_queries(detr, layout.num_classes),
+            "denoising_weight": detr.DENOISING.WEIGHT,
             "size_divisibility_train": detr.SIZE_DIVISIBILITY_TRAIN,
         }
 
@@ -474,12 +509,15 @@ class Detr(nn.Module):
         )  # [N, H, W]
         return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
 
-    def forward_heads(self, images: ImageList, with_aux: bool = True) -> dict:
+    def forward_heads(
+        self, images: ImageList, with_aux: bool = True, targets: list[dict] | None = None
+    ) -> dict:
         """Raw head outputs: ``pred_logits [N, Q, K+1]``, ``pred_boxes [N, Q, 4]`` (sigmoid
         cxcywh relative to each unpadded image), with ``mask_on`` ``pred_masks [N, Q, H4, W4]``
         (mask logits on the padded batch's grid) and, with deep supervision and ``with_aux``,
         ``aux_outputs``: L-1 dicts with ``pred_logits`` and ``pred_boxes`` for the earlier
-        decoder layers (inference skips them)."""
+        decoder layers (inference skips them). In training, ``targets`` (the criterion's) feed
+        the training-only denoising queries, if any."""
         pixels = images.tensor
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
@@ -491,25 +529,35 @@ class Detr(nn.Module):
         extra = (
             self.train_only["queries"] if self.training and "queries" in self.train_only else None
         )
-        if extra is None:
+        denoising = self._denoising_inputs(targets)
+        if extra is None and denoising is None:
             hs, memory = self.transformer(projected, mask, self.query_embed.weight, pos)
         else:
-            queries = extra.queries(self.query_embed.weight)  # [T, C]
-            attn_mask = extra.self_attention_mask(queries.device)
-            hs, memory = self.transformer(projected, mask, queries, pos, attn_mask)
+            queries, attn_mask, content = self._training_queries(extra, denoising)
+            hs, memory = self.transformer(projected, mask, queries, pos, attn_mask, content)
         with_aux = with_aux and self.aux_loss
         if not with_aux:
             hs = hs[-1:]
         logits = self.class_embed(hs)  # [L, N, Q, K+1] (training-only sets: [L, N, T, K+1])
         boxes = self.bbox_embed(hs).sigmoid()  # [L, N, Q, 4]
+        if denoising is not None:
+            plain_count = logits.shape[2] - denoising[1].shape[1]
+            dn_logits, logits = logits[:, :, plain_count:], logits[:, :, :plain_count]
+            dn_boxes, boxes = boxes[:, :, plain_count:], boxes[:, :, :plain_count]
         if extra is not None:
             outputs = self._training_set_outputs(extra, logits, boxes)
         else:
             outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if denoising is not None:
+            dn = self.train_only["denoising"]
+            per_group = denoising[2]
+            outputs["denoising"] = _layer_outputs(
+                dn.split(dn_logits, per_group), dn.split(dn_boxes, per_group)
+            )
         if self.training and "dense_head" in self.train_only:
             stride = images.tensor.shape[-1] / feature.shape[-1]
             outputs["dense"] = (*self.train_only["dense_head"](memory), mask, stride)
-        if extra is not None:
+        if extra is not None or denoising is not None:
             return outputs
         if self.mask_on:
             # masks from the last decoder layer only, as the official DETRsegm
@@ -522,24 +570,40 @@ class Detr(nn.Module):
             ]
         return outputs
 
+    def _denoising_inputs(self, targets: list[dict] | None):
+        """(content, position [N, P*D, C], D) of the denoising queries in training, or None
+        (none configured, no targets given, or no image of the batch has a target)."""
+        if not (self.training and targets is not None and "denoising" in self.train_only):
+            return None
+        content, position, per_group = self.train_only["denoising"](targets)
+        return None if per_group == 0 else (content, position, per_group)
+
+    def _training_queries(self, extra: TrainingQueries | None, denoising):
+        """Decoder inputs with the training-only query sets: queries ([T, C], or [N, T', C]
+        with denoising queries), the self-attention mask that keeps the sets apart, and the
+        decoder's content input (None: zeros)."""
+        plain = self.query_embed.weight
+        queries = extra.queries(plain) if extra is not None else plain  # [T, C]
+        set_sizes = extra.set_sizes() if extra is not None else [len(plain)]
+        content = None
+        if denoising is not None:
+            dn_content, dn_position, per_group = denoising
+            n = dn_position.shape[0]
+            queries = torch.cat([queries.expand(n, -1, -1), dn_position.to(queries)], 1)
+            content = torch.cat(
+                [torch.zeros_like(queries[:, : -dn_position.shape[1]]), dn_content], 1
+            )
+            set_sizes = set_sizes + [per_group] * self.train_only["denoising"].num_groups
+        return queries, block_diagonal_mask(set_sizes, plain.device), content
+
     @staticmethod
     def _training_set_outputs(extra: TrainingQueries, logits, boxes) -> dict:
         """Outputs of the training-only query sets: the groups stacked group-major along the
         batch ([G*N, Q, ...], group 0 first) and, under ``one_to_many``, the one-to-many set."""
-
-        def as_outputs(layer_logits, layer_boxes):
-            outputs = {"pred_logits": layer_logits[-1], "pred_boxes": layer_boxes[-1]}
-            if len(layer_logits) > 1:
-                outputs["aux_outputs"] = [
-                    {"pred_logits": a, "pred_boxes": b}
-                    for a, b in zip(layer_logits[:-1], layer_boxes[:-1])
-                ]
-            return outputs
-
         split_logits, split_boxes = extra.split(logits), extra.split(boxes)
-        outputs = as_outputs(split_logits["groups"], split_boxes["groups"])
+        outputs = _layer_outputs(split_logits["groups"], split_boxes["groups"])
         if split_logits["one_to_many"] is not None:
-            outputs["one_to_many"] = as_outputs(
+            outputs["one_to_many"] = _layer_outputs(
                 split_logits["one_to_many"], split_boxes["one_to_many"]
             )
         return outputs
@@ -557,8 +621,8 @@ class Detr(nn.Module):
         if not self.training:
             return self.inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
-        outputs = self.forward_heads(images)
         targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
+        outputs = self.forward_heads(images, targets=targets)
         # matching and losses in fp32 even when the trainer runs the network under autocast
         with torch.autocast(self.device.type, enabled=False):
             outputs = to_float32(outputs)
@@ -572,8 +636,14 @@ class Detr(nn.Module):
         one_to_many = outputs.pop("one_to_many", None)
         if one_to_many is not None:
             one_to_many = (one_to_many, self.one_to_many_repeat, self.one_to_many_weight)
+        denoising = outputs.pop("denoising", None)
+        if denoising is not None:
+            dn_groups = self.train_only["denoising"].num_groups
+            denoising = (denoising, dn_groups, self.denoising_weight)
         groups = self.train_only["queries"].num_groups if "queries" in self.train_only else 1
-        losses = self.criterion(outputs, targets, num_groups=groups, one_to_many=one_to_many)
+        losses = self.criterion(
+            outputs, targets, num_groups=groups, one_to_many=one_to_many, denoising=denoising
+        )
         if dense is not None:
             cls_logits, distances, padding, stride = dense
             dense_losses = self.train_only["dense_head"].losses(

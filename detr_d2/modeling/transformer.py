@@ -247,15 +247,18 @@ class Transformer(nn.Module):
         query_embed: torch.Tensor,
         pos_embed: torch.Tensor,
         self_attn_mask: torch.Tensor | None = None,
+        query_content: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             src: [N, C, H, W] projected backbone features.
             mask: bool [N, H, W], True on padding.
-            query_embed: [Q, C] learned object queries (added as positions in every decoder layer).
+            query_embed: [Q, C] learned object queries (added as positions in every decoder
+                layer), or [N, Q, C] queries of each image (training-only denoising queries).
             pos_embed: [N, C, H, W] spatial position encoding.
             self_attn_mask: bool [Q, Q] mask of the decoder's query self-attention (True =
                 blocked), e.g. between training-only query groups; None for plain DETR.
+            query_content: [N, Q, C] decoder input; None: zeros, as plain DETR.
         Returns:
             hs: [L, N, Q, C] decoder outputs (L = decoder layers, or 1 without intermediates);
             memory: [N, C, H, W] encoder output.
@@ -263,9 +266,15 @@ class Transformer(nn.Module):
         n, c, h, w = src.shape
         src = src.flatten(2).permute(2, 0, 1)  # [S, N, C]
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)  # [S, N, C]
-        query_embed = query_embed.unsqueeze(1).repeat(1, n, 1)  # [Q, N, C]
+        if query_embed.dim() == 2:
+            query_embed = query_embed.unsqueeze(1).repeat(1, n, 1)  # [Q, N, C]
+        else:
+            query_embed = query_embed.transpose(0, 1)
         mask = mask.flatten(1)  # [N, S]
-        tgt = torch.zeros_like(query_embed)  # decoder input is zeros; queries enter as positions
+        if query_content is None:  # decoder input is zeros; queries enter as positions
+            tgt = torch.zeros_like(query_embed)
+        else:
+            tgt = query_content.transpose(0, 1)
         memory = self.encoder(src, mask, pos_embed)
         hs = self.decoder(tgt, memory, mask, pos_embed, query_embed, self_attn_mask)
         return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(n, c, h, w)

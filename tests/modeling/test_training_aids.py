@@ -1,5 +1,5 @@
-"""Training-only convergence aids: query groups, one-to-many queries, sigmoid class losses, the
-dense head and the weight EMA. Inference must stay plain DETR."""
+"""Training-only convergence aids: query groups, one-to-many queries, denoising queries, sigmoid
+class losses, the dense head and the weight EMA. Inference must stay plain DETR."""
 
 import itertools
 
@@ -15,7 +15,11 @@ from detr_d2.modeling.criterion import SetCriterion, build_weight_dict
 from detr_d2.modeling.dense_head import DenseAuxHead
 from detr_d2.modeling.inference_graph import inference_model
 from detr_d2.modeling.matcher import HungarianMatcher
-from detr_d2.modeling.training_queries import TrainingQueries
+from detr_d2.modeling.training_queries import (
+    DenoisingQueries,
+    TrainingQueries,
+    block_diagonal_mask,
+)
 from detr_d2.solver import build_detr_optimizer
 
 from helpers import build_model_no_weights, tiny_cfg
@@ -27,6 +31,7 @@ def accelerated_cfg(**detr):
     cfg = tiny_cfg(**{**ACCELERATED, **detr})
     cfg.MODEL.DETR.ONE_TO_MANY.NUM_QUERIES = 12
     cfg.MODEL.DETR.DENSE_AUX.ENABLED = True
+    cfg.MODEL.DETR.DENOISING.GROUPS = 2
     return cfg
 
 
@@ -44,19 +49,28 @@ def test_self_attention_mask_is_block_diagonal():
 
 def test_group_zero_computes_what_plain_detr_computes():
     """The mask blocks all cross-set attention: group 0's training outputs equal the plain
-    model's outputs with the same weights, whatever the other sets' queries are."""
+    model's outputs with the same weights, whatever the other sets' queries are (the other
+    groups, the one-to-many set and the denoising queries)."""
     cfg = accelerated_cfg(CLASS_LOSS="softmax")
     cfg.MODEL.DETR.DENSE_AUX.ENABLED = False
     model = build_model_no_weights(cfg).train()
     plain = build_model_no_weights(tiny_cfg()).train()
     plain.load_state_dict(model.state_dict(), strict=False)
-    images = model.preprocess_image(batch())
+    inputs = batch()
+    images = model.preprocess_image(inputs)
+    targets = model.prepare_targets(inputs)
     with torch.no_grad():
-        grouped = model.forward_heads(images)
+        grouped = model.forward_heads(images, targets=targets)
         reference = plain.forward_heads(images)
         model.train_only["queries"].group_embed.weight.normal_()  # other groups change ...
-        regrouped = model.forward_heads(images)
+        model.train_only["denoising"].label_embed.weight.normal_()
+        regrouped = model.forward_heads(images, targets=targets)
     n = len(images)
+    assert grouped["denoising"]["pred_boxes"].shape == (
+        2 * n,
+        max(len(t["labels"]) for t in targets),
+        4,
+    )
     for outputs in (grouped, regrouped):  # ... group 0 does not
         torch.testing.assert_close(
             outputs["pred_logits"][:n], reference["pred_logits"], atol=1e-5, rtol=0
@@ -67,6 +81,79 @@ def test_group_zero_computes_what_plain_detr_computes():
         assert outputs["pred_logits"].shape[0] == 3 * n
         assert outputs["one_to_many"]["pred_logits"].shape[:2] == (n, 12)
     assert not torch.allclose(grouped["pred_logits"][n:], regrouped["pred_logits"][n:])
+
+
+def test_denoising_mask_keeps_every_set_to_itself():
+    mask = block_diagonal_mask([2, 1, 3], torch.device("cpu"))
+    sets = [0, 0, 1, 2, 2, 2]
+    assert torch.equal(mask, torch.tensor([[a != b for b in sets] for a in sets]))
+
+
+def test_denoising_noise_stays_within_its_bounds():
+    torch.manual_seed(0)
+    dn = DenoisingQueries(
+        hidden_dim=16, num_classes=5, num_groups=3, box_noise=0.4, label_noise=0.5
+    )
+    boxes = torch.rand(4, 4) * 0.3 + torch.tensor([0.35, 0.35, 0.1, 0.1])
+    targets = [
+        {"labels": torch.tensor([1, 2, 3, 4]), "boxes": boxes},
+        {"labels": torch.tensor([0]), "boxes": boxes[:1]},
+    ]
+    labels, noised, valid = dn.noised_targets(targets)
+    assert labels.shape == valid.shape == (2, 12) and noised.shape == (2, 12, 4)
+    assert valid[0].all() and valid[1].tolist() == [True, False, False, False] * 3
+    assert (labels[~valid] == 5).all() and (labels[valid] < 5).all()
+    original = boxes.repeat(3, 1)
+    shift = (noised[0] - original).abs()
+    assert (shift[:, :2] <= 0.2 * original[:, 2:] + 1e-6).all()  # centres: 0.4 half-sizes
+    assert (shift[:, 2:] <= 0.4 * original[:, 2:] + 1e-6).all()  # sizes: 1 +- 0.4
+    assert (shift > 0).all()
+    flipped = (labels[0] != torch.tensor([1, 2, 3, 4]).repeat(3)).float().mean()
+    assert 0.1 < flipped < 0.7  # ~0.5 * 4/5 of the labels change
+    content, position, per_group = dn(targets)
+    assert per_group == 4 and content.shape == position.shape == (2, 12, 16)
+    assert (position[1, 1:4] == 0).all()
+
+
+def test_denoising_losses_use_the_query_each_target_made():
+    """No matching: query j of a copy is supervised by target j; padding slots add no box
+    loss, and a copy that reconstructs its targets exactly has zero box losses."""
+    criterion = SetCriterion(
+        2,
+        HungarianMatcher(),
+        build_weight_dict({"loss_ce": 1, "loss_bbox": 5, "loss_giou": 2}, 0),
+        0.1,
+    )
+    targets = [
+        {
+            "labels": torch.tensor([0, 1]),
+            "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]]),
+        },
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+    ]
+    groups, per_group = 2, 2
+    boxes = torch.full((groups * 2, per_group, 4), 0.1)
+    for g in range(groups):
+        boxes[g * 2, :2] = targets[0]["boxes"]
+        boxes[g * 2 + 1, :1] = targets[1]["boxes"]
+    logits = torch.zeros(groups * 2, per_group, 3)
+    outputs = {"pred_logits": logits, "pred_boxes": boxes}
+    with EventStorage(0):
+        exact = criterion(
+            {"pred_logits": logits[:2], "pred_boxes": boxes[:2]},
+            targets,
+            denoising=(outputs, groups, 1.0),
+        )
+        swapped = boxes.clone()
+        swapped[[0, 2]] = boxes[[0, 2]].flip(1)  # query 0 <-> 1: matching would undo this
+        moved = criterion(
+            {"pred_logits": logits[:2], "pred_boxes": boxes[:2]},
+            targets,
+            denoising=({"pred_logits": logits, "pred_boxes": swapped}, groups, 1.0),
+        )
+    assert exact["loss_bbox_dn"] == 0 and exact["loss_giou_dn"].abs() < 1e-6
+    assert moved["loss_bbox_dn"] > 0.5
+    assert exact["loss_ce_dn"] > 0
 
 
 def test_each_group_is_matched_one_to_one_on_its_own():
@@ -244,7 +331,13 @@ def test_bf16_training_with_all_aids_learns(class_loss):
             keys = set(storage.histories())
             trainer.iter += 1
             storage.iter += 1
-    assert {"loss_ce_o2m", "loss_dense_cls", "loss_dense_giou", "loss_ce_0"} <= keys
+    assert {
+        "loss_ce_o2m",
+        "loss_dense_cls",
+        "loss_dense_giou",
+        "loss_ce_0",
+        "loss_giou_0_dn",
+    } <= keys
     assert all(torch.isfinite(torch.tensor(t)) for t in totals)
     assert totals[-1] < 0.8 * totals[0]
 
@@ -268,6 +361,10 @@ def test_weight_ema_by_hand():
 def test_invalid_switches_fail_with_the_key():
     with pytest.raises(ValueError, match="MODEL.DETR.GROUPS"):
         build_model_no_weights(tiny_cfg(GROUPS=0))
+    bad = tiny_cfg()
+    bad.MODEL.DETR.DENOISING.GROUPS = -1
+    with pytest.raises(ValueError, match="MODEL.DETR.DENOISING.GROUPS"):
+        build_model_no_weights(bad)
     with pytest.raises(ValueError, match="MODEL.DETR.CLASS_LOSS"):
         build_model_no_weights(tiny_cfg(CLASS_LOSS="sigmoid"))
     cfg = tiny_cfg(GROUPS=2)
