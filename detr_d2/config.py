@@ -74,7 +74,9 @@ def add_detr_config(cfg: CN) -> None:
     # BOX_NOISE of their size and labels flipped with probability LABEL_NOISE, enter the decoder
     # through a training-only encoder of box and label; each copy is trained to reconstruct its
     # boxes, no matching involved. Self-attention keeps them apart from the matching queries and
-    # from each other. Losses weighted by WEIGHT. GROUPS 0 = off.
+    # from each other. Losses weighted by WEIGHT. GROUPS 0 = off. The noise is drawn from each
+    # process's RNG (like dropout): exact on resume, not equal between 1 and 2 processes. On the
+    # sample faces it lowered AP50 (docs/convergence.md): plain DETR's queries are no boxes.
     cfg.MODEL.DETR.DENOISING = CN()
     cfg.MODEL.DETR.DENOISING.GROUPS = 0
     cfg.MODEL.DETR.DENOISING.BOX_NOISE = 0.4

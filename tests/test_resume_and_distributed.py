@@ -100,8 +100,8 @@ SCHEDULE = [
 ]
 
 
-# every training-only convergence aid, each with its own state (queries, EMA, dense head),
-# and the grouped sample stream
+# every training-only convergence aid, each with its own state (queries, EMA, dense head,
+# denoising encoder and its noise), and the grouped sample stream
 TRAINING_AIDS = [
     "MODEL.DETR.GROUPS",
     3,
@@ -111,6 +111,8 @@ TRAINING_AIDS = [
     "ia_bce",
     "MODEL.DETR.DENSE_AUX.ENABLED",
     True,
+    "MODEL.DETR.DENOISING.GROUPS",  # its noise comes from the RNG state the checkpoint keeps
+    2,
     "SOLVER.EMA.ENABLED",
     True,
     "DATALOADER.ASPECT_RATIO_GROUPING",  # the sample config's grouped batches resume exactly too
