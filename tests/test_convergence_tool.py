@@ -11,6 +11,8 @@ from detr_d2.dev.convergence import (
     plot_curves,
     pretrain_command,
     read_curve,
+    speed_command,
+    speeds_from_comparison,
     train_command,
 )
 
@@ -23,6 +25,21 @@ SPEC = {
     "seeds": [1, 2],
     "variants": {"plain": [], "groups": ["MODEL.DETR.GROUPS", "4"]},
 }
+
+
+def test_speeds_come_from_one_interleaved_comparison():
+    command = speed_command(SPEC, "plain", ["groups"], 12, "/tmp/x.json")
+    compare = command.index("--compare")
+    assert command[compare : compare + 3] == ["--compare", "groups", "MODEL.DETR.GROUPS 4"]
+    assert command[-2:] == ["SOLVER.MAX_ITER", "20"]  # the spec's overrides on the base config
+    record = {
+        "variants": {
+            "base": {"seconds_median": 0.2, "ratio_to_first_median": 1.0},
+            "groups": {"seconds_median": 0.3, "ratio_to_first_median": 1.1},
+        }
+    }
+    speeds = speeds_from_comparison(record, "plain", ["groups"])
+    assert speeds == {"plain": 0.2, "groups": pytest.approx(0.22)}
 
 
 def write_run(root, variant, seed, ap50_held):

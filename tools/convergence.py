@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         with open(args.speeds) as f:
             speeds = json.load(f)
     else:
-        speeds = measure_speed(spec, list(results), args.speed_iters)
+        speeds = measure_speed(spec, list(results), args.speed_iters, args.baseline)
         with open(f"{args.out}/speeds.json", "w") as f:
             json.dump(speeds, f, indent=1)
     text = markdown_report(spec, results, speeds, args.baseline)

@@ -22,13 +22,15 @@ overrides, so a variant can set ``MODEL.WEIGHTS ""`` to train from scratch inste
 Each (variant, seed) trains in its own ``tools/train_net.py`` process with ``threads`` CPU
 threads (several runs share the machine, so a run's own timings are not trusted), and leaves
 Detectron2's ``metrics.json`` in ``OUT/variant/seed_S``. Wall-clock axes use the seconds per
-iteration of each variant measured alone (``measure_speed``: the benchmark tool's train task on
-the variant's config), so curves do not depend on what else ran at the same time.
+iteration of each variant measured on an otherwise idle machine (``measure_speed``: the
+benchmark tool's train task, all variants interleaved in one process), so curves do not depend
+on what else ran at the same time.
 """
 
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -220,36 +222,63 @@ def collect(spec: dict, out_dir: str) -> dict[str, dict[int, dict[str, list[floa
     return results
 
 
-def measure_speed(spec: dict, variants: Sequence[str], iters: int = 30) -> dict[str, float]:
-    """Median seconds per training iteration of each variant, measured alone with the benchmark
-    tool's train task on the variant's real batches (all the machine's threads)."""
-    speeds = {}
-    for variant in variants:
-        output = Path("/tmp") / f"convergence_speed_{os.getpid()}_{variant}.json"
-        command = [
-            sys.executable,
-            str(REPO / "tools" / "benchmark.py"),
-            "--config-file",
-            spec["config"],
-            "--task",
-            "train",
-            "--input",
-            "dataset",
-            "--iters",
-            str(iters),
-            "--warmup",
-            "5",
-            "--output",
-            str(output),
-            *spec.get("overrides", []),
-            *spec["variants"][variant],
-        ]
-        subprocess.run(
-            command, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        record = json.loads(output.read_text())
-        speeds[variant] = record["seconds_median"]
-        logger.info(f"{variant}: {speeds[variant]:.3f} s/iteration")
+def speed_command(
+    spec: dict, baseline: str, others: Sequence[str], iters: int, output: str
+) -> list[str]:
+    """The benchmark command of :func:`measure_speed`: the baseline as the config, every other
+    variant as a ``--compare`` on top of it."""
+    command = [
+        sys.executable,
+        str(REPO / "tools" / "benchmark.py"),
+        "--config-file",
+        spec["config"],
+        "--task",
+        "train",
+        "--input",
+        "dataset",
+        "--iters",
+        str(iters),
+        "--warmup",
+        "3",
+        "--output",
+        output,
+    ]
+    for variant in others:
+        command += ["--compare", variant, shlex.join(spec["variants"][variant])]
+    return command + [*spec.get("overrides", []), *spec["variants"][baseline]]
+
+
+def speeds_from_comparison(record: dict, baseline: str, others: Sequence[str]) -> dict:
+    """Seconds per iteration from an interleaved comparison record: the baseline's median, and
+    each other variant's median per-round ratio to it times that median."""
+    base_seconds = record["variants"]["base"]["seconds_median"]
+    speeds = {baseline: base_seconds}
+    for variant in others:
+        speeds[variant] = base_seconds * record["variants"][variant]["ratio_to_first_median"]
+    return speeds
+
+
+def measure_speed(
+    spec: dict, variants: Sequence[str], iters: int = 30, baseline: str | None = None
+) -> dict[str, float]:
+    """Seconds per training iteration of each variant on its real batches (all the machine's
+    threads), measured in one benchmark process with the variants' steps interleaved
+    (``tools/benchmark.py --compare``). Separate runs differ by up to 25 % on a shared 2-core
+    machine; interleaved steps see the same machine state. Each variant's overrides apply on
+    top of the spec's and the baseline's."""
+    baseline = baseline if baseline in variants else variants[0]
+    others = [v for v in variants if v != baseline]
+    output = Path("/tmp") / f"convergence_speed_{os.getpid()}.json"
+    subprocess.run(
+        speed_command(spec, baseline, others, iters, str(output)),
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    speeds = speeds_from_comparison(json.loads(output.read_text()), baseline, others)
+    for variant, seconds in speeds.items():
+        logger.info(f"{variant}: {seconds:.3f} s/iteration")
     return speeds
 
 
