@@ -546,6 +546,8 @@ class Detr(nn.Module):
             dn_boxes, boxes = boxes[:, :, plain_count:], boxes[:, :, :plain_count]
         if extra is not None:
             outputs = self._training_set_outputs(extra, logits, boxes)
+        elif denoising is not None:
+            outputs = _layer_outputs(logits, boxes)
         else:
             outputs = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if denoising is not None:

@@ -156,6 +156,16 @@ def test_denoising_losses_use_the_query_each_target_made():
     assert exact["loss_ce_dn"] > 0
 
 
+def test_denoising_alone_keeps_the_auxiliary_losses():
+    cfg = tiny_cfg()
+    cfg.MODEL.DETR.DENOISING.GROUPS = 2
+    model = build_model_no_weights(cfg).train()
+    with EventStorage(0):
+        losses = model(batch())
+    last = len(model.transformer.decoder.layers) - 2
+    assert {"loss_ce_0", f"loss_giou_{last}", "loss_bbox_dn", f"loss_giou_{last}_dn"} <= set(losses)
+
+
 def test_each_group_is_matched_one_to_one_on_its_own():
     torch.manual_seed(0)
     n, groups, queries = 2, 3, 5
