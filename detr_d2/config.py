@@ -121,6 +121,12 @@ def add_detr_config(cfg: CN) -> None:
     # within 1.6e-5 of 1 - DROPOUT, unbiased scaling (detr_d2/modeling/dropout.py). The official
     # R50 step spends ~9 % of its CPU time drawing dropout masks (docs/benchmarks.md).
     cfg.MODEL.DETR.FAST_DROPOUT = False
+    # Training only: run the transformer batch-first ([N, S, C]) with F.scaled_dot_product_attention
+    # on the nn.MultiheadAttention weights (same parameters and results): no layout copies around
+    # attention, ~10 % of the transformer's training step on CPU. Attention-weight dropout is
+    # then SDPA's own (same semantics, not FAST_DROPOUT's masks). Inference keeps the official
+    # sequence-first path, which attention capture and export use.
+    cfg.MODEL.DETR.BATCH_FIRST_TRAINING = False
     # Pad training batches to a multiple of this many pixels (0: to the largest image of the
     # batch, as the official code). With varied image sizes every new batch shape makes oneDNN
     # create new convolution kernels; a multiple of 32 leaves a few shapes (docs/convergence.md).

@@ -379,6 +379,7 @@ class Detr(nn.Module):
             return_intermediate_dec=detr.DEEP_SUPERVISION,
             attention_fp32=detr.ATTENTION_FP32,
             fast_dropout=detr.FAST_DROPOUT,
+            batch_first_training=detr.BATCH_FIRST_TRAINING,
         )
         criterion = SetCriterion(
             layout.num_classes,

@@ -3,6 +3,11 @@
 Sequence-first layout, as ``nn.MultiheadAttention`` expects by default:
     S = H*W memory tokens (feature map flattened row-major, padded positions included),
     Q = object queries, N = batch, C = hidden dim.
+With ``batch_first_training`` the training forward runs batch-first ([N, S, C]) instead, with
+``F.scaled_dot_product_attention`` on the same ``nn.MultiheadAttention`` weights: the CPU flash
+kernel's output is laid out [N, S, heads, head_dim], so batch-first needs no copy to put it
+back, where the sequence-first path copies around every attention. Same parameters, same
+results; inference keeps the official path (attention capture hooks and export rely on it).
 Module and parameter names follow the official implementation, so official checkpoints load
 without renaming the transformer.
 """
@@ -24,7 +29,9 @@ def _clones(module: nn.Module, n: int) -> nn.ModuleList:
     return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
 
 
-def _attention(layer: nn.Module, attn: nn.MultiheadAttention, query, key, value, **kwargs):
+def _attention(
+    layer: nn.Module, attn: nn.MultiheadAttention, query, key, value, batch_first=False, **kwargs
+):
     """``attn(query, key, value, need_weights=False, **kwargs)[0]`` as ``layer`` asks: with
     ``layer.attention_fp32`` inside an autocast region, computed in fp32 (PyTorch's CPU
     flash-attention kernel is 1.5-6x slower in bf16 than in fp32 on CPUs without AMX, measured in
@@ -32,14 +39,60 @@ def _attention(layer: nn.Module, attn: nn.MultiheadAttention, query, key, value,
     cheaper dropout mask of ``dropout.py``."""
     if layer.attention_fp32 and torch.is_autocast_enabled(query.device.type):
         with torch.autocast(query.device.type, enabled=False):
-            return _attend(layer, attn, query.float(), key.float(), value.float(), **kwargs)
-    return _attend(layer, attn, query, key, value, **kwargs)
+            return _attend(
+                layer, attn, query.float(), key.float(), value.float(), batch_first, **kwargs
+            )
+    return _attend(layer, attn, query, key, value, batch_first, **kwargs)
 
 
-def _attend(layer: nn.Module, attn: nn.MultiheadAttention, query, key, value, **kwargs):
+def _attend(
+    layer: nn.Module, attn: nn.MultiheadAttention, query, key, value, batch_first, **kwargs
+):
+    if batch_first:
+        return batch_first_attention(attn, query, key, value, **kwargs)
     if layer.fast_dropout and attn.training and attn.dropout > 0.0:
         return attention_with_fast_dropout(attn, query, key, value, **kwargs)
     return attn(query, key, value, need_weights=False, **kwargs)[0]
+
+
+def batch_first_attention(
+    attn: nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What ``attn`` (sequence-first, packed input projections: DETR's) computes, on batch-first
+    tokens: query [N, L, C], key/value [N, S, C] -> [N, L, C]. Masks are bool, True = blocked:
+    ``key_padding_mask`` [N, S], ``attn_mask`` [L, S]. Attention-weight dropout as ``attn``'s."""
+    n, length, channels = query.shape
+    heads = attn.num_heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    if query is key:  # self-attention: one matrix product for queries and keys
+        q, k = F.linear(query, weight[: 2 * channels], bias[: 2 * channels]).chunk(2, -1)
+    else:
+        q = F.linear(query, weight[:channels], bias[:channels])
+        k = F.linear(key, weight[channels : 2 * channels], bias[channels : 2 * channels])
+    v = F.linear(value, weight[2 * channels :], bias[2 * channels :])
+
+    def split_heads(x):  # [N, T, C] -> [N, heads, T, C / heads], a view
+        return x.view(n, x.shape[1], heads, channels // heads).transpose(1, 2)
+
+    allowed = None  # SDPA's bool masks are True where attention is allowed
+    if key_padding_mask is not None:
+        allowed = ~key_padding_mask.view(n, 1, 1, -1)
+    if attn_mask is not None:
+        allowed = ~attn_mask if allowed is None else allowed & ~attn_mask
+    out = F.scaled_dot_product_attention(
+        split_heads(q),
+        split_heads(k),
+        split_heads(v),
+        attn_mask=allowed,
+        dropout_p=attn.dropout if attn.training else 0.0,
+    )
+    out = out.transpose(1, 2).reshape(n, length, channels)
+    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -69,21 +122,30 @@ class TransformerEncoderLayer(nn.Module):
         self.dropout2 = dropout_cls(dropout)
         self.normalize_before = normalize_before
 
-    def _attend(self, x, pos, key_padding_mask):
+    def _attend(self, x, pos, key_padding_mask, batch_first):
         q = k = _with_pos(x, pos)
-        return _attention(self, self.self_attn, q, k, x, key_padding_mask=key_padding_mask)
+        return _attention(
+            self, self.self_attn, q, k, x, batch_first, key_padding_mask=key_padding_mask
+        )
 
     def _ffn(self, x):
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
 
     def forward(
-        self, src: torch.Tensor, key_padding_mask: torch.Tensor | None, pos: torch.Tensor | None
+        self,
+        src: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        pos: torch.Tensor | None,
+        batch_first: bool = False,
     ) -> torch.Tensor:
-        """src, pos: [S, N, C]; key_padding_mask: bool [N, S], True on padding."""
+        """src, pos: [S, N, C] ([N, S, C] with ``batch_first``); key_padding_mask: bool [N, S],
+        True on padding."""
         if self.normalize_before:
-            src = src + self.dropout1(self._attend(self.norm1(src), pos, key_padding_mask))
+            src = src + self.dropout1(
+                self._attend(self.norm1(src), pos, key_padding_mask, batch_first)
+            )
             return src + self.dropout2(self._ffn(self.norm2(src)))
-        src = self.norm1(src + self.dropout1(self._attend(src, pos, key_padding_mask)))
+        src = self.norm1(src + self.dropout1(self._attend(src, pos, key_padding_mask, batch_first)))
         return self.norm2(src + self.dropout2(self._ffn(src)))
 
 
@@ -117,17 +179,18 @@ class TransformerDecoderLayer(nn.Module):
         self.dropout3 = dropout_cls(dropout)
         self.normalize_before = normalize_before
 
-    def _self_attend(self, x, query_pos, attn_mask):
+    def _self_attend(self, x, query_pos, attn_mask, batch_first):
         q = k = _with_pos(x, query_pos)
-        return _attention(self, self.self_attn, q, k, x, attn_mask=attn_mask)
+        return _attention(self, self.self_attn, q, k, x, batch_first, attn_mask=attn_mask)
 
-    def _cross_attend(self, x, memory, memory_key_padding_mask, pos, query_pos):
+    def _cross_attend(self, x, memory, memory_key_padding_mask, pos, query_pos, batch_first):
         return _attention(
             self,
             self.multihead_attn,
             _with_pos(x, query_pos),
             _with_pos(memory, pos),
             memory,
+            batch_first,
             key_padding_mask=memory_key_padding_mask,
         )
 
@@ -142,23 +205,22 @@ class TransformerDecoderLayer(nn.Module):
         pos: torch.Tensor | None,
         query_pos: torch.Tensor | None,
         self_attn_mask: torch.Tensor | None = None,
+        batch_first: bool = False,
     ) -> torch.Tensor:
-        """tgt, query_pos: [Q, N, C]; memory, pos: [S, N, C]; mask: bool [N, S];
-        self_attn_mask: bool [Q, Q], True where query i must not attend to query j (training-only
-        query groups), or None."""
+        """tgt, query_pos: [Q, N, C]; memory, pos: [S, N, C] (with ``batch_first``: [N, Q, C]
+        and [N, S, C]); mask: bool [N, S]; self_attn_mask: bool [Q, Q], True where query i must
+        not attend to query j (training-only query groups), or None."""
+        cross = (memory, memory_key_padding_mask, pos, query_pos, batch_first)
         if self.normalize_before:
-            tgt = tgt + self.dropout1(self._self_attend(self.norm1(tgt), query_pos, self_attn_mask))
-            tgt = tgt + self.dropout2(
-                self._cross_attend(self.norm2(tgt), memory, memory_key_padding_mask, pos, query_pos)
+            tgt = tgt + self.dropout1(
+                self._self_attend(self.norm1(tgt), query_pos, self_attn_mask, batch_first)
             )
+            tgt = tgt + self.dropout2(self._cross_attend(self.norm2(tgt), *cross))
             return tgt + self.dropout3(self._ffn(self.norm3(tgt)))
-        tgt = self.norm1(tgt + self.dropout1(self._self_attend(tgt, query_pos, self_attn_mask)))
-        tgt = self.norm2(
-            tgt
-            + self.dropout2(
-                self._cross_attend(tgt, memory, memory_key_padding_mask, pos, query_pos)
-            )
+        tgt = self.norm1(
+            tgt + self.dropout1(self._self_attend(tgt, query_pos, self_attn_mask, batch_first))
         )
+        tgt = self.norm2(tgt + self.dropout2(self._cross_attend(tgt, *cross)))
         return self.norm3(tgt + self.dropout3(self._ffn(tgt)))
 
 
@@ -168,9 +230,9 @@ class TransformerEncoder(nn.Module):
         self.layers = _clones(layer, num_layers)
         self.norm = norm  # only with pre-norm: post-norm layers already end with a LayerNorm
 
-    def forward(self, src, key_padding_mask, pos):
+    def forward(self, src, key_padding_mask, pos, batch_first=False):
         for layer in self.layers:
-            src = layer(src, key_padding_mask, pos)
+            src = layer(src, key_padding_mask, pos, batch_first)
         return src if self.norm is None else self.norm(src)
 
 
@@ -184,12 +246,22 @@ class TransformerDecoder(nn.Module):
         self.return_intermediate = return_intermediate
 
     def forward(
-        self, tgt, memory, memory_key_padding_mask, pos, query_pos, self_attn_mask=None
+        self,
+        tgt,
+        memory,
+        memory_key_padding_mask,
+        pos,
+        query_pos,
+        self_attn_mask=None,
+        batch_first=False,
     ) -> torch.Tensor:
-        """Returns [L, Q, N, C]: every layer's normed output (L = num_layers) or the last only."""
+        """Returns [L, Q, N, C] ([L, N, Q, C] with ``batch_first``): every layer's normed output
+        (L = num_layers) or the last only."""
         intermediate = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, memory_key_padding_mask, pos, query_pos, self_attn_mask)
+            tgt = layer(
+                tgt, memory, memory_key_padding_mask, pos, query_pos, self_attn_mask, batch_first
+            )
             if self.return_intermediate:
                 intermediate.append(self.norm(tgt))
         if self.return_intermediate:
@@ -212,6 +284,7 @@ class Transformer(nn.Module):
         return_intermediate_dec: bool = False,
         attention_fp32: bool = False,
         fast_dropout: bool = False,
+        batch_first_training: bool = False,
     ):
         super().__init__()
         if d_model % nhead != 0:
@@ -232,6 +305,7 @@ class Transformer(nn.Module):
         )
         self.d_model = d_model
         self.nhead = nhead
+        self.batch_first_training = batch_first_training
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -263,6 +337,10 @@ class Transformer(nn.Module):
             hs: [L, N, Q, C] decoder outputs (L = decoder layers, or 1 without intermediates);
             memory: [N, C, H, W] encoder output.
         """
+        if self.batch_first_training and self.training:
+            return self._forward_batch_first(
+                src, mask, query_embed, pos_embed, self_attn_mask, query_content
+            )
         n, c, h, w = src.shape
         src = src.flatten(2).permute(2, 0, 1)  # [S, N, C]
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)  # [S, N, C]
@@ -278,3 +356,16 @@ class Transformer(nn.Module):
         memory = self.encoder(src, mask, pos_embed)
         hs = self.decoder(tgt, memory, mask, pos_embed, query_embed, self_attn_mask)
         return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(n, c, h, w)
+
+    def _forward_batch_first(self, src, mask, query_embed, pos_embed, self_attn_mask, content):
+        """:meth:`forward` with batch-first tokens (``batch_first_training``)."""
+        n, c, h, w = src.shape
+        src = src.flatten(2).transpose(1, 2)  # [N, S, C]
+        pos_embed = pos_embed.flatten(2).transpose(1, 2)
+        if query_embed.dim() == 2:
+            query_embed = query_embed.unsqueeze(0).expand(n, -1, -1)  # [N, Q, C]
+        mask = mask.flatten(1)
+        tgt = torch.zeros_like(query_embed) if content is None else content
+        memory = self.encoder(src, mask, pos_embed, batch_first=True)
+        hs = self.decoder(tgt, memory, mask, pos_embed, query_embed, self_attn_mask, True)
+        return hs, memory.transpose(1, 2).reshape(n, c, h, w)
