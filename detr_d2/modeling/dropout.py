@@ -51,6 +51,24 @@ class FastDropout(nn.Dropout):
         return fast_dropout(x, self.p, self.training)
 
 
+def in_projections(
+    attn: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The query, key and value projections of ``attn``'s packed ``in_proj`` (DETR's attention
+    modules) on tokens of any layout [..., C]; self-attention (``query is key``) projects
+    queries and keys in one matrix product."""
+    channels = query.shape[-1]
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    w_q, w_k, w_v = weight.split(channels)
+    b_q, b_k, b_v = bias.split(channels) if bias is not None else (None,) * 3
+    if query is key:
+        b_qk = bias[: 2 * channels] if bias is not None else None
+        q, k = F.linear(query, weight[: 2 * channels], b_qk).chunk(2, -1)
+    else:
+        q, k = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k)
+    return q, k, F.linear(value, w_v, b_v)
+
+
 def attention_with_fast_dropout(
     attn: nn.MultiheadAttention,
     query: torch.Tensor,
@@ -66,17 +84,12 @@ def attention_with_fast_dropout(
     length, batch, channels = query.shape
     heads = attn.num_heads
     head_dim = channels // heads
-    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None,) * 3
 
-    def split_heads(x, weight, bias):  # [T, N, C] -> [N * heads, T, head_dim]
-        return (
-            F.linear(x, weight, bias).reshape(x.shape[0], batch * heads, head_dim).transpose(0, 1)
-        )
+    def split_heads(x):  # [T, N, C] -> [N * heads, T, head_dim]
+        return x.reshape(x.shape[0], batch * heads, head_dim).transpose(0, 1)
 
-    q = split_heads(query, w_q, b_q) * head_dim**-0.5
-    k = split_heads(key, w_k, b_k)
-    v = split_heads(value, w_v, b_v)
+    q, k, v = (split_heads(x) for x in in_projections(attn, query, key, value))
+    q = q * head_dim**-0.5
     scores = torch.bmm(q, k.transpose(1, 2))  # [N * heads, L, S]
     blocked = None
     if key_padding_mask is not None:

@@ -34,6 +34,15 @@ def block_diagonal_mask(set_sizes: Sequence[int], device: torch.device) -> torch
     return set_ids[:, None] != set_ids[None, :]
 
 
+def group_major(outputs: torch.Tensor, num_groups: int, per_group: int) -> torch.Tensor:
+    """[L, N, G*Q, X] head outputs of G query sets of Q each -> [L, G*N, Q, X], the sets
+    stacked group-major along the batch (entry g*N + i is set g of image i), the layout
+    :meth:`SetCriterion.compute` matches group by group."""
+    num_layers, n, _, dim = outputs.shape
+    grouped = outputs.reshape(num_layers, n, num_groups, per_group, dim).transpose(1, 2)
+    return grouped.reshape(num_layers, num_groups * n, per_group, dim)
+
+
 class TrainingQueries(nn.Module):
     """The extra query embeddings and the self-attention mask that keeps the sets apart."""
 
@@ -87,11 +96,8 @@ class TrainingQueries(nn.Module):
         """Decoder-head outputs [L, N, T, D] -> ``groups`` [L, G*N, Q, D] (group-major along the
         batch, the layout :meth:`SetCriterion.compute` expects) and ``one_to_many``
         [L, N, Qm, D] (None without one-to-many queries)."""
-        num_layers, n, _, dim = outputs.shape
-        grouped = outputs[:, :, : self.num_groups * self.num_queries]
-        grouped = grouped.reshape(num_layers, n, self.num_groups, self.num_queries, dim)
-        grouped = grouped.transpose(1, 2).reshape(
-            num_layers, self.num_groups * n, self.num_queries, dim
+        grouped = group_major(
+            outputs[:, :, : self.num_groups * self.num_queries], self.num_groups, self.num_queries
         )
         one_to_many = (
             outputs[:, :, self.num_groups * self.num_queries :] if self.num_one_to_many else None
@@ -200,9 +206,7 @@ class DenoisingQueries(nn.Module):
     def split(self, outputs: torch.Tensor, per_group: int) -> torch.Tensor:
         """Head outputs of the denoising queries [L, N, P*D, X] -> [L, P*N, D, X], group-major
         along the batch like the query groups (:meth:`SetCriterion.compute`)."""
-        num_layers, n, _, dim = outputs.shape
-        grouped = outputs.reshape(num_layers, n, self.num_groups, per_group, dim).transpose(1, 2)
-        return grouped.reshape(num_layers, self.num_groups * n, per_group, dim)
+        return group_major(outputs, self.num_groups, per_group)
 
     def extra_repr(self) -> str:
         return (

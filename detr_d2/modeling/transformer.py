@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dropout import FastDropout, attention_with_fast_dropout
+from .dropout import FastDropout, attention_with_fast_dropout, in_projections
 
 
 def _with_pos(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
@@ -68,13 +68,7 @@ def batch_first_attention(
     ``key_padding_mask`` [N, S], ``attn_mask`` [L, S]. Attention-weight dropout as ``attn``'s."""
     n, length, channels = query.shape
     heads = attn.num_heads
-    weight, bias = attn.in_proj_weight, attn.in_proj_bias
-    if query is key:  # self-attention: one matrix product for queries and keys
-        q, k = F.linear(query, weight[: 2 * channels], bias[: 2 * channels]).chunk(2, -1)
-    else:
-        q = F.linear(query, weight[:channels], bias[:channels])
-        k = F.linear(key, weight[channels : 2 * channels], bias[channels : 2 * channels])
-    v = F.linear(value, weight[2 * channels :], bias[2 * channels :])
+    q, k, v = in_projections(attn, query, key, value)
 
     def split_heads(x):  # [N, T, C] -> [N, heads, T, C / heads], a view
         return x.view(n, x.shape[1], heads, channels // heads).transpose(1, 2)
@@ -337,10 +331,6 @@ class Transformer(nn.Module):
             hs: [L, N, Q, C] decoder outputs (L = decoder layers, or 1 without intermediates);
             memory: [N, C, H, W] encoder output.
         """
-        if self.batch_first_training and self.training:
-            return self._forward_batch_first(
-                src, mask, query_embed, pos_embed, self_attn_mask, query_content
-            )
         n, c, h, w = src.shape
         src = src.flatten(2).permute(2, 0, 1)  # [S, N, C]
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)  # [S, N, C]
@@ -353,19 +343,13 @@ class Transformer(nn.Module):
             tgt = torch.zeros_like(query_embed)
         else:
             tgt = query_content.transpose(0, 1)
-        memory = self.encoder(src, mask, pos_embed)
-        hs = self.decoder(tgt, memory, mask, pos_embed, query_embed, self_attn_mask)
-        return hs.transpose(1, 2), memory.permute(1, 2, 0).reshape(n, c, h, w)
-
-    def _forward_batch_first(self, src, mask, query_embed, pos_embed, self_attn_mask, content):
-        """:meth:`forward` with batch-first tokens (``batch_first_training``)."""
-        n, c, h, w = src.shape
-        src = src.flatten(2).transpose(1, 2)  # [N, S, C]
-        pos_embed = pos_embed.flatten(2).transpose(1, 2)
-        if query_embed.dim() == 2:
-            query_embed = query_embed.unsqueeze(0).expand(n, -1, -1)  # [N, Q, C]
-        mask = mask.flatten(1)
-        tgt = torch.zeros_like(query_embed) if content is None else content
-        memory = self.encoder(src, mask, pos_embed, batch_first=True)
-        hs = self.decoder(tgt, memory, mask, pos_embed, query_embed, self_attn_mask, True)
-        return hs, memory.transpose(1, 2).reshape(n, c, h, w)
+        batch_first = self.batch_first_training and self.training
+        if batch_first:  # [N, S, C] and [N, Q, C] views
+            src, pos_embed, query_embed, tgt = (
+                x.transpose(0, 1) for x in (src, pos_embed, query_embed, tgt)
+            )
+        memory = self.encoder(src, mask, pos_embed, batch_first)
+        hs = self.decoder(tgt, memory, mask, pos_embed, query_embed, self_attn_mask, batch_first)
+        if not batch_first:
+            hs, memory = hs.transpose(1, 2), memory.transpose(0, 1)
+        return hs, memory.permute(0, 2, 1).reshape(n, c, h, w)

@@ -6,6 +6,7 @@ import torch
 from detectron2.utils.events import EventStorage
 
 from detr_d2.dev.benchmark import synthetic_batch
+from detr_d2.modeling.transformer import batch_first_attention
 
 from helpers import build_model_no_weights, tiny_cfg
 
@@ -58,19 +59,37 @@ def test_training_losses_and_gradients_match_the_sequence_first_path(aids):
         assert (bf_grads[name] - seq_grads[name]).abs().max() <= tolerance * 5 * scale, name
 
 
-def test_inference_and_attention_dropout_in_training():
-    """Eval runs the sequence-first path (identical outputs); with attention dropout the
-    batch-first training step runs and its dropout is active."""
+def test_batch_first_attention_equals_multihead_attention():
+    """Against PyTorch's own module: self- and cross-attention with padding and set masks, and
+    the module's attention-weight dropout in training."""
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(16, 4, dropout=0.5).eval()
+    x, memory = torch.randn(6, 3, 16), torch.randn(9, 3, 16)
+    padding = torch.zeros(3, 9, dtype=torch.bool)
+    padding[1, 6:] = True
+    sets = torch.tensor([0, 0, 1, 1, 1, 2])
+    blocked = sets[:, None] != sets[None, :]
+    cases = [
+        ((x, x, x), {"attn_mask": blocked}),
+        ((x, memory, memory), {"key_padding_mask": padding}),
+    ]
+    for (q, k, v), masks in cases:
+        expected = attn(q, k, v, need_weights=False, **masks)[0]  # [L, N, C]
+        got = batch_first_attention(attn, *(t.transpose(0, 1) for t in (q, k, v)), **masks)
+        torch.testing.assert_close(got.transpose(0, 1), expected, atol=1e-5, rtol=1e-5)
+    attn.train()
+    q, k, v = (t.transpose(0, 1) for t in (x, memory, memory))
+    draws = [batch_first_attention(attn, q, k, v, key_padding_mask=padding) for _ in range(2)]
+    assert not torch.allclose(draws[0], draws[1])  # dropout is drawn in training
+    assert not torch.allclose(draws[0], expected.transpose(0, 1))
+
+
+def test_inference_runs_the_sequence_first_path():
+    """Eval outputs are identical with and without the switch."""
     plain = build_model_no_weights(tiny_cfg(DROPOUT=0.1)).eval()
     fast = build_model_no_weights(tiny_cfg(DROPOUT=0.1, BATCH_FIRST_TRAINING=True)).eval()
     inputs = [{k: v for k, v in x.items() if k != "instances"} for x in batch()]
     with torch.no_grad():
         for a, b in zip(plain(inputs), fast(inputs)):
             assert torch.equal(a["instances"].scores, b["instances"].scores)
-    fast.train()
-    with EventStorage(0), torch.no_grad():
-        torch.manual_seed(1)
-        first = fast(batch())
-        torch.manual_seed(2)
-        second = fast(batch())
-    assert first["loss_giou"] != second["loss_giou"]
+            assert torch.equal(a["instances"].pred_boxes.tensor, b["instances"].pred_boxes.tensor)
