@@ -124,7 +124,7 @@ def add_detr_config(cfg: CN) -> None:
     # Training only: run the transformer batch-first ([N, S, C]) with F.scaled_dot_product_attention
     # on the nn.MultiheadAttention weights (same parameters and results): no layout copies around
     # attention, ~10 % of the transformer's training step on CPU. Attention-weight dropout is
-    # then SDPA's own (same semantics, not FAST_DROPOUT's masks). Inference keeps the official
+    # SDPA's own, or FAST_DROPOUT's masks where that is on. Inference keeps the official
     # sequence-first path, which attention capture and export use.
     cfg.MODEL.DETR.BATCH_FIRST_TRAINING = False
     # Pad training batches to a multiple of this many pixels (0: to the largest image of the

@@ -76,35 +76,40 @@ def attention_with_fast_dropout(
     value: torch.Tensor,
     key_padding_mask: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
+    batch_first: bool = False,
 ) -> torch.Tensor:
     """``attn(query, key, value, need_weights=False, ...)[0]`` of a sequence-first
     ``nn.MultiheadAttention`` with packed input projections (DETR's), attention-weight dropout
-    drawn with :func:`keep_mask`. Masks are bool (True = blocked): ``key_padding_mask`` [N, S],
-    ``attn_mask`` [L, S]."""
-    length, batch, channels = query.shape
+    drawn with :func:`keep_mask`. Tokens are [T, N, C], or [N, T, C] with ``batch_first`` (the
+    layout of ``MODEL.DETR.BATCH_FIRST_TRAINING``; the same mask is drawn in both layouts).
+    Masks are bool (True = blocked): ``key_padding_mask`` [N, S], ``attn_mask`` [L, S]."""
+    batch = query.shape[0 if batch_first else 1]
+    length, channels = query.shape[1 if batch_first else 0], query.shape[2]
     heads = attn.num_heads
     head_dim = channels // heads
 
-    def split_heads(x):  # [T, N, C] -> [N * heads, T, head_dim]
-        return x.reshape(x.shape[0], batch * heads, head_dim).transpose(0, 1)
+    def split_heads(x):  # -> [N, heads, T, head_dim], a view
+        if batch_first:
+            return x.view(batch, x.shape[1], heads, head_dim).transpose(1, 2)
+        return x.view(x.shape[0], batch, heads, head_dim).permute(1, 2, 0, 3)
 
     q, k, v = (split_heads(x) for x in in_projections(attn, query, key, value))
-    q = q * head_dim**-0.5
-    scores = torch.bmm(q, k.transpose(1, 2))  # [N * heads, L, S]
+    scores = torch.matmul(q * head_dim**-0.5, k.transpose(-1, -2))  # [N, heads, L, S]
     blocked = None
     if key_padding_mask is not None:
-        blocked = key_padding_mask.view(batch, 1, 1, -1).expand(-1, heads, -1, -1)
-        blocked = blocked.reshape(batch * heads, 1, -1)
+        blocked = key_padding_mask.view(batch, 1, 1, -1)
     if attn_mask is not None:
-        blocked = attn_mask.unsqueeze(0) if blocked is None else blocked | attn_mask.unsqueeze(0)
+        blocked = attn_mask if blocked is None else blocked | attn_mask
     if blocked is not None:
         scores = scores.masked_fill(blocked, float("-inf"))
     weights = scores.softmax(dim=-1)
     if attn.training and attn.dropout > 0.0:
         mask, scale = keep_mask(weights.shape, attn.dropout, weights.device)
-        weights = weights * mask
-        out = torch.bmm(weights, v) * scale  # the scale on the small output, not on the weights
+        out = torch.matmul(weights * mask, v) * scale  # the scale on the small output
     else:
-        out = torch.bmm(weights, v)
-    out = out.transpose(0, 1).reshape(length, batch, channels)
+        out = torch.matmul(weights, v)
+    if batch_first:
+        out = out.transpose(1, 2).reshape(batch, length, channels)
+    else:
+        out = out.permute(2, 0, 1, 3).reshape(length, batch, channels)
     return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)

@@ -48,10 +48,12 @@ def _attention(
 def _attend(
     layer: nn.Module, attn: nn.MultiheadAttention, query, key, value, batch_first, **kwargs
 ):
+    if layer.fast_dropout and attn.training and attn.dropout > 0.0:
+        return attention_with_fast_dropout(
+            attn, query, key, value, batch_first=batch_first, **kwargs
+        )
     if batch_first:
         return batch_first_attention(attn, query, key, value, **kwargs)
-    if layer.fast_dropout and attn.training and attn.dropout > 0.0:
-        return attention_with_fast_dropout(attn, query, key, value, **kwargs)
     return attn(query, key, value, need_weights=False, **kwargs)[0]
 
 

@@ -54,9 +54,19 @@ def test_training_losses_and_gradients_match_the_sequence_first_path(aids):
     for key in seq_losses:
         torch.testing.assert_close(bf_losses[key], seq_losses[key], rtol=tolerance, atol=tolerance)
     assert seq_grads.keys() == bf_grads.keys()
-    for name in seq_grads:
-        scale = seq_grads[name].abs().max().clamp(min=1e-8)
-        assert (bf_grads[name] - seq_grads[name]).abs().max() <= tolerance * 5 * scale, name
+    if not extra.get("bf16"):
+        for name in seq_grads:
+            scale = seq_grads[name].abs().max().clamp(min=1e-8)
+            assert (bf_grads[name] - seq_grads[name]).abs().max() <= 5e-5 * scale, name
+        return
+    # bf16 rounds each layout differently, and some gradients (query_embed's) move by half their
+    # norm between fp32 and bf16 on some CPUs: both layouts must be as close to fp32 as each other.
+    cfg_fp32 = cfgs[0].clone()
+    cfg_fp32.SOLVER.AMP.ENABLED = False
+    _, fp32_grads = losses_and_grads(cfg_fp32, inputs)
+    for name, exact in fp32_grads.items():
+        seq_error, bf_error = ((g[name] - exact).norm() for g in (seq_grads, bf_grads))
+        assert bf_error <= 2 * seq_error + 0.02 * exact.norm(), name
 
 
 def test_batch_first_attention_equals_multihead_attention():
@@ -93,3 +103,23 @@ def test_inference_runs_the_sequence_first_path():
         for a, b in zip(plain(inputs), fast(inputs)):
             assert torch.equal(a["instances"].scores, b["instances"].scores)
             assert torch.equal(a["instances"].pred_boxes.tensor, b["instances"].pred_boxes.tensor)
+
+
+def test_fast_dropout_keeps_its_attention_masks_batch_first(monkeypatch):
+    """With FAST_DROPOUT the batch-first training attention draws FAST_DROPOUT's masks (not
+    SDPA's Bernoulli ones), as the sequence-first path does."""
+    import detr_d2.modeling.transformer as transformer
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("batch_first"))
+        return fast_attention(*args, **kwargs)
+
+    fast_attention = transformer.attention_with_fast_dropout
+    monkeypatch.setattr(transformer, "attention_with_fast_dropout", counting)
+    monkeypatch.setattr(transformer, "batch_first_attention", None)  # must not be called
+    cfg = tiny_cfg(DROPOUT=0.1, FAST_DROPOUT=True, BATCH_FIRST_TRAINING=True)
+    losses, grads = losses_and_grads(cfg, batch())
+    assert calls and all(calls)  # every attention of the step, batch-first
+    assert all(torch.isfinite(v) for v in losses.values()) and grads

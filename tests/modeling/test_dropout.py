@@ -77,6 +77,27 @@ def test_attention_matches_multihead_attention_without_dropout():
         got = attention_with_fast_dropout(attn, query, key, key, **kwargs)
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+        batch_first = attention_with_fast_dropout(
+            attn, query.transpose(0, 1), key.transpose(0, 1), key.transpose(0, 1),
+            batch_first=True, **kwargs,
+        )  # fmt: skip
+        torch.testing.assert_close(batch_first.transpose(0, 1), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_dropout_draws_the_same_mask_in_both_layouts():
+    """MODEL.DETR.BATCH_FIRST_TRAINING with FAST_DROPOUT: the batch-first attention drops the
+    same attention weights as the sequence-first one for the same generator state."""
+    attn = nn.MultiheadAttention(64, 4, dropout=0.3).train()
+    query, key, padding, blocked = _attention_inputs()
+    masks = {"key_padding_mask": padding, "attn_mask": blocked}
+    torch.manual_seed(3)
+    expected = attention_with_fast_dropout(attn, query, key, key, **masks)
+    torch.manual_seed(3)
+    tokens = (t.transpose(0, 1) for t in (query, key, key))
+    got = attention_with_fast_dropout(attn, *tokens, batch_first=True, **masks)
+    torch.testing.assert_close(got.transpose(0, 1), expected, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(expected, attn.eval()(query, key, key, **masks)[0], atol=1e-3)
 
 
 def test_attention_dropout_is_unbiased_and_masks_weights():
