@@ -102,7 +102,7 @@ def test_pretrain_run_and_variants_starting_from_it(tmp_path):
     assert [command[i + 1] for i, a in enumerate(command) if a == "MODEL.WEIGHTS"] == [weights, ""]
 
 
-def test_curves_tables_and_plot(tmp_path):
+def test_curves_tables_and_plot(tmp_path, monkeypatch):
     write_run(tmp_path, "plain", 1, [10.0, 20.0])
     write_run(tmp_path, "plain", 2, [30.0, 40.0])
     write_run(tmp_path, "groups", 1, [50.0, 70.0])
@@ -118,6 +118,11 @@ def test_curves_tables_and_plot(tmp_path):
     results = collect(SPEC, str(tmp_path))
     text = markdown_report(SPEC, results, {"plain": 0.2, "groups": 0.25}, "plain")
     assert "| groups | 0.250 | +25 % |" in text
+    only_groups = {"groups": results["groups"]}  # a baseline without runs still gives overheads
+    assert "| groups | 0.250 | +25 % |" in markdown_report(
+        SPEC, only_groups, {"plain": 0.2, "groups": 0.25}, "plain"
+    )
+    assert "| groups | 0.250 | — |" in markdown_report(SPEC, only_groups, {"groups": 0.25}, "plain")
     assert "| plain | 20.0 (10.0/30.0) | 30.0 (20.0/40.0) |" in text  # AP50 on held: mean (seeds)
     assert "| groups | 55.0 (50.0/60.0) | 80.0 (70.0/90.0) |" in text
     spec_path = tmp_path / "spec.json"
@@ -146,6 +151,14 @@ def test_curves_tables_and_plot(tmp_path):
     )
     assert markdown.read_text() == text
     assert plot.stat().st_size > 10000
+    # measuring: the baseline is timed with the variants even where only other variants ran
+    measured = []
+    monkeypatch.setattr(
+        tool, "measure_speed", lambda spec, variants, *a: measured.append(variants) or {}
+    )
+    report = ["report", "--spec", str(spec_path), "--out", str(tmp_path), "--variants", "groups"]
+    assert tool.main(report) == 0
+    assert measured == [["plain", "groups"]]
 
 
 def test_table_columns_are_every_evaluated_iteration(tmp_path):

@@ -301,11 +301,11 @@ def markdown_report(spec: dict, results: dict, speeds: dict[str, float], baselin
     for variant in results:
         if variant in speeds:
             overhead = (
-                100 * (speeds[variant] / speeds[baseline] - 1)
+                f"{100 * (speeds[variant] / speeds[baseline] - 1):+.0f} %"
                 if baseline in speeds
-                else float("nan")
+                else "—"
             )
-            lines.append(f"| {variant} | {speeds[variant]:.3f} | {overhead:+.0f} % |")
+            lines.append(f"| {variant} | {speeds[variant]:.3f} | {overhead} |")
     # columns: every evaluated iteration of any variant (schedules may differ), "-" where a
     # variant was not evaluated
     iterations = sorted(
