@@ -13,6 +13,7 @@ from detr_d2.dev.convergence import (
     read_curve,
     speed_command,
     speeds_from_comparison,
+    starts_from_pretrain,
     train_command,
 )
 
@@ -100,6 +101,34 @@ def test_pretrain_run_and_variants_starting_from_it(tmp_path):
     # a variant's own MODEL.WEIGHTS comes later on the command line, so it wins
     command = train_command(spec, "scratch", 1, str(tmp_path))
     assert [command[i + 1] for i, a in enumerate(command) if a == "MODEL.WEIGHTS"] == [weights, ""]
+    assert starts_from_pretrain(spec, "aids") and not starts_from_pretrain(spec, "scratch")
+    assert not starts_from_pretrain(SPEC, "plain")  # no pretrain run in the spec
+
+
+def test_from_scratch_runs_skip_the_pretrain_run(tmp_path, monkeypatch):
+    import detr_d2.dev.convergence as convergence
+
+    spec = dict(
+        SPEC, pretrain={"config": "c.yaml"}, variants={"aids": [], "scratch": ["MODEL.WEIGHTS", ""]}
+    )
+    pretrained, started = [], []
+    monkeypatch.setattr(convergence, "_run_pretrain", lambda *a: pretrained.append(1))
+
+    class Done:
+        returncode = 0
+
+        def __init__(self, command, **kwargs):
+            started.append(command)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(convergence.subprocess, "Popen", Done)
+    monkeypatch.setattr(convergence.time, "sleep", lambda s: None)
+    convergence.run_experiment(spec, str(tmp_path), ["scratch"], [1])
+    assert pretrained == [] and len(started) == 1
+    convergence.run_experiment(spec, str(tmp_path), ["aids"], [1])
+    assert pretrained == [1] and len(started) == 2
 
 
 def test_curves_tables_and_plot(tmp_path, monkeypatch):

@@ -108,6 +108,12 @@ def train_command(spec: dict, variant: str, seed: int, out_dir: str) -> list[str
     return _train_net(spec["config"], overrides, seed, run_dir(out_dir, variant, seed))
 
 
+def starts_from_pretrain(spec: dict, variant: str) -> bool:
+    """Whether ``variant`` loads the spec's pretrain run: it has one and the variant does not
+    set ``MODEL.WEIGHTS`` itself (e.g. a from-scratch row), which needs no pretraining."""
+    return "pretrain" in spec and "MODEL.WEIGHTS" not in spec["variants"][variant][::2]
+
+
 def _run_pretrain(spec: dict, out_dir: str, threads: int) -> None:
     """Train the spec's ``pretrain`` run (all threads of the experiment) unless it finished."""
     path = pretrain_dir(out_dir)
@@ -136,15 +142,15 @@ def run_experiment(
     threads: int = 1,
 ) -> None:
     """Train every (variant, seed) not finished yet, ``parallel`` processes at a time (after
-    the spec's ``pretrain`` run, if it has one)."""
-    if "pretrain" in spec:
-        _run_pretrain(spec, out_dir, threads * parallel)
+    the spec's ``pretrain`` run, if one of them starts from it)."""
     todo = [
         (v, s)
         for v in (variants or list(spec["variants"]))
         for s in (seeds or spec["seeds"])
         if not _finished(run_dir(out_dir, v, s))
     ]
+    if any(starts_from_pretrain(spec, v) for v, _ in todo):
+        _run_pretrain(spec, out_dir, threads * parallel)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     running: list = []
     progress = tqdm(total=len(todo), desc="runs", disable=None)
