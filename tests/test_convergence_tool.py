@@ -2,6 +2,7 @@
 the report's tables and plot."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,28 @@ def test_speeds_come_from_one_interleaved_comparison():
     }
     speeds = speeds_from_comparison(record, "plain", ["groups"])
     assert speeds == {"plain": 0.2, "groups": pytest.approx(0.22)}
+
+
+def test_speed_of_a_baseline_without_runs_is_measured(monkeypatch):
+    import detr_d2.dev.convergence as convergence
+
+    commands = []
+
+    def benchmark(command, **kwargs):
+        commands.append(command)
+        record = {
+            "variants": {
+                "base": {"seconds_median": 0.2, "ratio_to_first_median": 1.0},
+                "groups": {"seconds_median": 0.3, "ratio_to_first_median": 1.25},
+            }
+        }
+        Path(command[command.index("--output") + 1]).write_text(json.dumps(record))
+
+    monkeypatch.setattr(convergence.subprocess, "run", benchmark)
+    speeds = convergence.measure_speed(SPEC, ["groups"], 5, "plain")  # only "groups" has runs
+    assert speeds == {"plain": 0.2, "groups": pytest.approx(0.25)}
+    compare = commands[0].index("--compare")  # plain is the config, groups compared with it
+    assert commands[0][compare : compare + 3] == ["--compare", "groups", "MODEL.DETR.GROUPS 4"]
 
 
 def write_run(root, variant, seed, ap50_held):
@@ -131,7 +154,7 @@ def test_from_scratch_runs_skip_the_pretrain_run(tmp_path, monkeypatch):
     assert pretrained == [1] and len(started) == 2
 
 
-def test_curves_tables_and_plot(tmp_path, monkeypatch):
+def test_curves_tables_and_plot(tmp_path):
     write_run(tmp_path, "plain", 1, [10.0, 20.0])
     write_run(tmp_path, "plain", 2, [30.0, 40.0])
     write_run(tmp_path, "groups", 1, [50.0, 70.0])
@@ -180,14 +203,6 @@ def test_curves_tables_and_plot(tmp_path, monkeypatch):
     )
     assert markdown.read_text() == text
     assert plot.stat().st_size > 10000
-    # measuring: the baseline is timed with the variants even where only other variants ran
-    measured = []
-    monkeypatch.setattr(
-        tool, "measure_speed", lambda spec, variants, *a: measured.append(variants) or {}
-    )
-    report = ["report", "--spec", str(spec_path), "--out", str(tmp_path), "--variants", "groups"]
-    assert tool.main(report) == 0
-    assert measured == [["plain", "groups"]]
 
 
 def test_table_columns_are_every_evaluated_iteration(tmp_path):

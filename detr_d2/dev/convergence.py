@@ -271,8 +271,10 @@ def measure_speed(
     threads), measured in one benchmark process with the variants' steps interleaved
     (``tools/benchmark.py --compare``). Separate runs differ by up to 25 % on a shared 2-core
     machine; interleaved steps see the same machine state. Each variant's overrides apply on
-    top of the spec's and the baseline's."""
-    baseline = baseline if baseline in variants else variants[0]
+    top of the spec's and the baseline's. A baseline of the spec is timed even where it is not
+    among ``variants`` (it needs only its config), so that overheads refer to it."""
+    if baseline not in spec["variants"]:
+        baseline = variants[0]
     others = [v for v in variants if v != baseline]
     output = Path("/tmp") / f"convergence_speed_{os.getpid()}.json"
     subprocess.run(
