@@ -80,11 +80,16 @@ def test_precision_config_errors_name_the_key():
         build_step_trainer(cfg, model, iter([]), build_detr_optimizer(cfg, model))
 
 
-def test_auto_precision_is_bf16_only_where_native(monkeypatch):
+def test_auto_precision_is_bf16_only_where_native_and_faster(monkeypatch):
     from detr_d2 import precision
 
     monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: True)
-    assert precision.precision_dtype("auto", "TEST.PRECISION", "cpu") == torch.bfloat16
+    for speedup, expected in ((2.0, torch.bfloat16), (1.05, torch.float32), (0.6, torch.float32)):
+        monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda s=speedup: s)
+        precision._auto_cpu_precision.cache_clear()
+        assert precision.precision_dtype("auto", "TEST.PRECISION", "cpu") == expected, speedup
+    precision._auto_cpu_precision.cache_clear()
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: pytest.fail("measured"))
     monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: False)
     assert precision.precision_dtype("auto", "TEST.PRECISION", "cpu") == torch.float32
     cfg = tiny_cfg()
@@ -93,6 +98,29 @@ def test_auto_precision_is_bf16_only_where_native(monkeypatch):
     model = build_model_no_weights(cfg)
     trainer = build_step_trainer(cfg, model, iter([]), build_detr_optimizer(cfg, model))
     assert not hasattr(trainer, "grad_scaler")  # plain fp32 step without native bf16
+
+
+def test_auto_precision_of_every_worker_follows_the_first(monkeypatch):
+    """Workers measure each their own speedup; all train in the precision of worker 0's."""
+    from detr_d2 import precision
+
+    monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision.comm, "get_world_size", lambda: 2)
+    for first, mine, expected in ((2.0, 1.0, torch.bfloat16), (1.0, 2.0, torch.float32)):
+        monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda m=mine: m)
+        monkeypatch.setattr(precision.comm, "all_gather", lambda value, f=first: [f, value])
+        precision._auto_cpu_precision.cache_clear()
+        assert precision.precision_dtype("auto", "SOLVER.AMP.PRECISION", "cpu") == expected
+    precision._auto_cpu_precision.cache_clear()
+
+
+def test_cpu_bf16_speedup_is_measured_once_per_process():
+    from detr_d2.precision import cpu_bf16_speedup
+
+    cpu_bf16_speedup.cache_clear()
+    speedup = cpu_bf16_speedup()
+    assert 0.01 < speedup < 100  # a ratio of two real timings: emulated bf16 is ~8x slower
+    assert cpu_bf16_speedup() == speedup and cpu_bf16_speedup.cache_info().hits == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback applies only without CUDA")
