@@ -24,7 +24,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from iopath.common.file_io import get_cache_dir
 
 from .compat import AtomicWrites, allow_official_args_namespace, let_model_convert
-from .layout import ClassLayout, official_class_rows
+from .layout import ClassLayout
 
 logger = logging.getLogger(__name__)
 
@@ -122,24 +122,23 @@ def official_head_rows(state_dict: dict[str, torch.Tensor]) -> int | None:
 
 
 def convert_official_for_model(
-    state_dict: dict[str, torch.Tensor], model: torch.nn.Module, layout: ClassLayout
+    state_dict: dict[str, torch.Tensor], model: torch.nn.Module, layout: ClassLayout, init=None
 ) -> "OrderedDict[str, torch.Tensor]":
-    """An official state dict in ``model``'s layout: keys renamed, the class head remapped to the
-    classes of ``layout`` when they are COCO categories of that head (see
-    :func:`~detr_d2.layout.official_class_rows`), and heads that still do not fit dropped with
-    one log line each (they keep their fresh initialisation)."""
-    rows = official_head_rows(state_dict)
-    class_rows = None
-    if rows is not None and rows != layout.num_classes + 1:
-        class_rows = official_class_rows(layout, rows)
-    converted, report = convert_official_state_dict(state_dict, layout.num_classes, class_rows)
-    counts = Counter({k: len(v) for k, v in report.items()})
+    """An official state dict in ``model``'s layout: keys renamed, then the class head and the
+    object queries fitted to the model (:func:`~detr_d2.finetune.adapt_heads` with ``init``, a
+    :class:`~detr_d2.finetune.CheckpointInit`: seeded from named classes, or the rows of the
+    model's COCO classes, or dropped and re-initialised, each with a log line)."""
+    from .finetune import CheckpointInit, adapt_heads, checkpoint_class_layout
+
+    converted, report = convert_official_state_dict(state_dict, layout.num_classes)
+    counts = Counter({k: len(v) for k, v in report.items() if v})
     logger.info(
         "Converted an official DETR checkpoint: " + ", ".join(f"{n} {k}" for k, n in counts.items())
     )
-    for line in report["remapped"]:
-        logger.info(f"Remapped class head to the model's classes ({layout.source}): {line}")
-    drop_mismatched_heads(converted, model.state_dict())
+    own = model.state_dict()
+    init = init or CheckpointInit()
+    adapt_heads(converted, own, layout, init, checkpoint_class_layout(converted, None))
+    drop_mismatched_heads(converted, own)
     return converted
 
 

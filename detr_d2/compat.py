@@ -94,6 +94,7 @@ __all__ = [
 ]
 
 _MARK = "_detr_d2_converts_first"
+_CONVERTED = "_detr_d2_converted"  # set in a loaded checkpoint dict once it is converted
 
 
 def allow_official_args_namespace() -> None:
@@ -112,8 +113,14 @@ def let_model_convert(checkpointer: Any, checkpoint: dict) -> None:
     when the model offers ``convert_checkpoint_state_dict`` (a no-op for its own layout)."""
     model = getattr(checkpointer.model, "module", checkpointer.model)
     convert = getattr(model, "convert_checkpoint_state_dict", None)
-    if convert is not None and isinstance(checkpoint.get("model"), dict):
-        checkpoint["model"] = convert(checkpoint["model"])
+    if convert is None or not isinstance(checkpoint.get("model"), dict):
+        return
+    if checkpoint.get(_CONVERTED):  # our checkpointer converts before the upstream method
+        return
+    # a detr_d2 checkpoint's class names, for seeding the model's classes from them
+    extra = {"class_layout": checkpoint["class_layout"]} if "class_layout" in checkpoint else {}
+    checkpoint["model"] = convert(checkpoint["model"], **extra)
+    checkpoint[_CONVERTED] = True
 
 
 def _let_models_convert_checkpoints() -> None:

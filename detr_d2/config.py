@@ -88,6 +88,20 @@ def add_detr_config(cfg: CN) -> None:
     cfg.MODEL.DETR.DENSE_AUX.ENABLED = False
     cfg.MODEL.DETR.DENSE_AUX.WEIGHT = 1.0
 
+    # Starting from a checkpoint of other classes or another query count (fine-tuning,
+    # detr_d2/finetune.py). Applied only when the checkpoint's classes or queries differ from the
+    # model's: resuming and predicting with the fine-tuned model load it as it is.
+    cfg.MODEL.DETR.INIT = CN()
+    # For each class of the model, in its class order, the checkpoint class whose class-head row
+    # it starts from, e.g. ["person"] for a face dataset fine-tuned from COCO; "" = a fresh row.
+    # The checkpoint's "no object" row is kept. Empty: classes that are COCO categories of an
+    # official head (same id and name) take their rows, the others start fresh.
+    cfg.MODEL.DETR.INIT.CLASSES_FROM = []
+    # NUM_OBJECT_QUERIES below the checkpoint's: keep a "spread" subset (farthest-point choice of
+    # the query embeddings), the "first" ones, or re-initialise them all ("random"). Above it:
+    # all the checkpoint's queries are kept and the rest start fresh.
+    cfg.MODEL.DETR.INIT.QUERIES = "spread"
+
     # Segmentation: MODEL.MASK_ON (Detectron2's key) adds DETR's mask head (paper Sec. 4.4).
     # Train only the mask head; backbone, transformer and box/class heads are frozen (official
     # second panoptic stage, --frozen_weights: load the stage-1 model through MODEL.WEIGHTS).
@@ -155,6 +169,25 @@ def add_detr_config(cfg: CN) -> None:
 
     # Learning-rate multiplier of the backbone (official: 1e-5 vs 1e-4 for the transformer).
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Learning rate of each part, as a factor of SOLVER.BASE_LR (fine-tuning: e.g. a backbone far
+    # below the heads). 0 freezes the part: no gradient, not in the optimizer. BACKBONE -1 takes
+    # SOLVER.BACKBONE_MULTIPLIER. Detectron2's MODEL.BACKBONE.FREEZE_AT freezes backbone stages
+    # on its own. ENCODER: input projection and transformer encoder; DECODER: transformer
+    # decoder; HEADS: class and box heads, object queries (and the mask head); TRAINING_AIDS:
+    # the training-only parts (query groups, one-to-many queries, dense head, denoising).
+    cfg.SOLVER.LR_FACTORS = CN()
+    cfg.SOLVER.LR_FACTORS.BACKBONE = -1.0
+    cfg.SOLVER.LR_FACTORS.ENCODER = 1.0
+    cfg.SOLVER.LR_FACTORS.DECODER = 1.0
+    cfg.SOLVER.LR_FACTORS.HEADS = 1.0
+    cfg.SOLVER.LR_FACTORS.TRAINING_AIDS = 1.0
+    # Schedule in epochs of the training set, for fine-tuning on datasets of any size. MAX > 0
+    # replaces SOLVER.MAX_ITER, STEPS and WARMUP_ITERS at start (tools/train_net.py) by these
+    # epoch counts times the training images / IMS_PER_BATCH (logged, kept in config.yaml).
+    cfg.SOLVER.EPOCHS = CN()
+    cfg.SOLVER.EPOCHS.MAX = 0.0
+    cfg.SOLVER.EPOCHS.STEPS = []
+    cfg.SOLVER.EPOCHS.WARMUP = 0.0
     # Optimizer: "ADAMW" (official) or "SGD" (Detectron2's default).
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # One fused kernel for all parameters' updates (PyTorch's fused=True) instead of a loop of

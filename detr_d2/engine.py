@@ -86,6 +86,35 @@ def resolve_class_layout(cfg: CfgNode) -> None:
     )
 
 
+def resolve_epoch_schedule(cfg: CfgNode) -> None:
+    """``SOLVER.EPOCHS`` (when ``MAX`` > 0) into ``SOLVER.MAX_ITER``, ``STEPS`` and
+    ``WARMUP_ITERS`` of the unfrozen ``cfg``, from the number of training images the loader
+    sees and ``SOLVER.IMS_PER_BATCH``: a schedule that follows the user's dataset size. Logged,
+    and written into the run's config.yaml."""
+    epochs = cfg.SOLVER.EPOCHS
+    if epochs.MAX <= 0:
+        return
+    if any(step > epochs.MAX for step in epochs.STEPS) or epochs.WARMUP > epochs.MAX:
+        raise ValueError(
+            f"SOLVER.EPOCHS.STEPS {list(epochs.STEPS)} and WARMUP {epochs.WARMUP} must lie within "
+            f"SOLVER.EPOCHS.MAX {epochs.MAX}."
+        )
+    images = len(
+        get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        )
+    )
+    per_epoch = images / cfg.SOLVER.IMS_PER_BATCH
+    cfg.SOLVER.MAX_ITER = max(1, round(epochs.MAX * per_epoch))
+    cfg.SOLVER.STEPS = tuple(round(step * per_epoch) for step in epochs.STEPS)
+    cfg.SOLVER.WARMUP_ITERS = round(epochs.WARMUP * per_epoch)
+    logger.info(
+        f"SOLVER.EPOCHS: {images} training images in batches of {cfg.SOLVER.IMS_PER_BATCH} -> "
+        f"MAX_ITER {cfg.SOLVER.MAX_ITER}, STEPS {cfg.SOLVER.STEPS}, WARMUP_ITERS "
+        f"{cfg.SOLVER.WARMUP_ITERS}."
+    )
+
+
 class _DetrSimpleTrainer(NonFiniteLossCheck, SimpleTrainer):
     pass
 

@@ -6,17 +6,76 @@ from detectron2.solver.build import get_default_optimizer_params
 
 from .compat import current_event_storage
 
+# Parameter-name prefixes of the parts SOLVER.LR_FACTORS names.
+MODEL_PARTS = {
+    "BACKBONE": ("backbone.",),
+    "ENCODER": ("input_proj.", "position_embedding.", "transformer.encoder."),
+    "DECODER": ("transformer.decoder.",),
+    "HEADS": ("class_embed.", "bbox_embed.", "query_embed.", "bbox_attention.", "mask_head."),
+    "TRAINING_AIDS": ("train_only.",),
+}
+
+
+def model_part(name: str) -> str | None:
+    """The part (a key of :data:`MODEL_PARTS`) that parameter ``name`` belongs to; ``None`` for
+    parameters of no DETR part (other models), which keep factor 1."""
+    for part, prefixes in MODEL_PARTS.items():
+        if name.startswith(prefixes):
+            return part
+    return None
+
+
+def lr_factors(cfg: CfgNode) -> dict[str, float]:
+    """``SOLVER.LR_FACTORS`` per part, with ``BACKBONE`` -1 read as
+    ``SOLVER.BACKBONE_MULTIPLIER``, checked: no negative factor, and no non-zero factor for a
+    backbone that ``MODEL.BACKBONE.FREEZE_AT`` freezes whole (checked in
+    :func:`freeze_zero_lr_parts`)."""
+    factors = {part: float(cfg.SOLVER.LR_FACTORS[part]) for part in MODEL_PARTS}
+    if factors["BACKBONE"] == -1.0:
+        factors["BACKBONE"] = float(cfg.SOLVER.BACKBONE_MULTIPLIER)
+    for part, factor in factors.items():
+        if factor < 0:
+            raise ValueError(f"SOLVER.LR_FACTORS.{part} must be >= 0 (0 freezes), got {factor}.")
+    return factors
+
+
+def freeze_zero_lr_parts(cfg: CfgNode, model: torch.nn.Module, factors: dict[str, float]) -> None:
+    """Parts with factor 0 get ``requires_grad=False`` (no gradient, no optimizer state). A part
+    frozen by other keys (``MODEL.BACKBONE.FREEZE_AT``) but given a non-zero factor is an error:
+    the factor would silently do nothing."""
+    params = dict(model.named_parameters())
+    backbone = [p for n, p in params.items() if model_part(n) == "BACKBONE"]
+    explicit = cfg.SOLVER.LR_FACTORS.BACKBONE != -1.0
+    if (
+        backbone
+        and explicit
+        and factors["BACKBONE"] > 0
+        and not any(p.requires_grad for p in backbone)
+    ):
+        raise ValueError(
+            f"MODEL.BACKBONE.FREEZE_AT {cfg.MODEL.BACKBONE.FREEZE_AT} freezes the whole backbone, "
+            f"but SOLVER.LR_FACTORS.BACKBONE is {factors['BACKBONE']}: set it to 0 (or -1), or "
+            "lower FREEZE_AT to train some stages."
+        )
+    for name, parameter in params.items():
+        if factors.get(model_part(name), 1.0) == 0:
+            parameter.requires_grad_(False)
+
 
 def optimizer_param_groups(cfg: CfgNode, model: torch.nn.Module):
-    """Parameter groups: ``SOLVER.BASE_LR`` everywhere, times ``SOLVER.BACKBONE_MULTIPLIER`` for
-    the backbone; frozen parameters are left out. Weight decay ``SOLVER.WEIGHT_DECAY``, on norm
-    layers ``SOLVER.WEIGHT_DECAY_NORM`` (the official recipe decays every parameter alike)."""
+    """Parameter groups: ``SOLVER.BASE_LR`` times each part's ``SOLVER.LR_FACTORS`` (the
+    backbone's default: ``SOLVER.BACKBONE_MULTIPLIER``); frozen parameters, and parts of factor
+    0, are left out. Weight decay ``SOLVER.WEIGHT_DECAY``, on norm layers
+    ``SOLVER.WEIGHT_DECAY_NORM`` (the official recipe decays every parameter alike)."""
+    factors = lr_factors(cfg)
+    freeze_zero_lr_parts(cfg, model, factors)
     return detr_param_groups(
         model,
         base_lr=cfg.SOLVER.BASE_LR,
         weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
-        backbone_multiplier=cfg.SOLVER.BACKBONE_MULTIPLIER,
+        backbone_multiplier=factors["BACKBONE"],
+        part_factors=factors,
     )
 
 
@@ -27,14 +86,20 @@ def detr_param_groups(
     weight_decay: float,
     weight_decay_norm: float,
     backbone_multiplier: float,
+    part_factors: dict[str, float] | None = None,
 ) -> list[dict]:
-    """:func:`optimizer_param_groups` from explicit values (LazyConfigs set ``model``)."""
+    """:func:`optimizer_param_groups` from explicit values (LazyConfigs set ``model``);
+    ``part_factors``: the LR factor of each part of :data:`MODEL_PARTS` (default: 1, the
+    backbone ``backbone_multiplier``)."""
+    factors = {part: 1.0 for part in MODEL_PARTS}
+    factors.update(part_factors or {})
+    factors["BACKBONE"] = backbone_multiplier
     return get_default_optimizer_params(
         model,
         base_lr=base_lr,
         weight_decay=weight_decay,
         weight_decay_norm=weight_decay_norm,
-        lr_factor_func=lambda name: backbone_multiplier if name.startswith("backbone.") else 1.0,
+        lr_factor_func=lambda name: factors.get(model_part(name), 1.0),
     )
 
 

@@ -154,6 +154,35 @@ def reference_model(variant, directory):
     return expected, model.eval(), reference_inputs(expected)
 
 
+LOADING_PATHS = (
+    "DefaultPredictor",
+    "DetectionCheckpointer",
+    "build_checkpointer",
+    "load_state_dict",
+)
+
+
+def load_through(path, cfg):
+    """The model of ``cfg`` with ``cfg.MODEL.WEIGHTS`` loaded through one of the loading paths
+    users take (:data:`LOADING_PATHS`)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.engine import DefaultPredictor
+
+    from detr_d2.checkpoint import safe_torch_load
+    from detr_d2.engine import build_checkpointer
+
+    if path == "DefaultPredictor":
+        return DefaultPredictor(cfg.clone()).model
+    model = build_model_no_weights(cfg).eval()
+    if path == "DetectionCheckpointer":
+        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    elif path == "build_checkpointer":
+        build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    else:
+        model.load_state_dict(safe_torch_load(cfg.MODEL.WEIGHTS)["model"])
+    return model
+
+
 def load_tool(name):
     """The module of ``tools/<name>.py`` (tools are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")

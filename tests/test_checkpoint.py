@@ -96,6 +96,7 @@ def test_fine_tune_reinitialises_class_head_and_queries(upstream_r50, caplog):
     path, manifest = upstream_r50
     cfg = cfg_for_manifest(manifest["model"])
     cfg.MODEL.DETR.update(NUM_CLASSES=1, NUM_OBJECT_QUERIES=20)
+    cfg.MODEL.DETR.INIT.QUERIES = "random"  # kept queries: tests/test_finetune.py
     model = build_model_no_weights(cfg)
     fresh_head = model.class_embed.weight.detach().clone()
     with caplog.at_level(logging.INFO, logger="detr_d2"):

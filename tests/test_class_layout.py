@@ -13,9 +13,11 @@ from detr_d2.layout import ClassLayout, layout_from_cfg
 
 from helpers import (
     CONFIGS,
+    LOADING_PATHS,
     build_model_no_weights,
     cfg_for_manifest,
     load_reference,
+    load_through,
     make_cfg,
     make_upstream_checkpoint,
     reference_inputs,
@@ -57,16 +59,9 @@ def test_default_predictor_remaps_the_official_head(r50, caplog):
     assert len(instances) == 100 and int(instances.pred_classes.max()) < 80
 
 
-@pytest.mark.parametrize("path", ["DetectionCheckpointer", "build_checkpointer", "load_state_dict"])
+@pytest.mark.parametrize("path", LOADING_PATHS[1:])
 def test_every_loading_path_gives_the_same_model(r50, path):
-    cfg = r50["cfg"]
-    model = build_model_no_weights(cfg).eval()
-    if path == "DetectionCheckpointer":
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    elif path == "build_checkpointer":
-        build_checkpointer(cfg, model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
-    else:
-        model.load_state_dict(safe_torch_load(cfg.MODEL.WEIGHTS)["model"])
+    model = load_through(path, r50["cfg"])
     raw = model.predict_raw(r50["inputs"])
     assert max_diff(raw["pred_logits"], r50["logits"]) <= 1e-4
     assert max_diff(raw["pred_boxes"], r50["boxes"]) <= 1e-4

@@ -28,7 +28,13 @@ from detectron2.utils.logger import setup_logger
 
 from detr_d2 import add_detr_config
 from detr_d2.data import register_datasets_from_cfg
-from detr_d2.engine import DetrTrainer, build_checkpointer, resolve_class_layout, resolve_device
+from detr_d2.engine import (
+    DetrTrainer,
+    build_checkpointer,
+    resolve_class_layout,
+    resolve_device,
+    resolve_epoch_schedule,
+)
 
 
 def setup(args):
@@ -42,8 +48,9 @@ def setup(args):
     resolve_device(cfg)
     register_datasets_from_cfg(cfg)
     resolve_class_layout(cfg)  # NUM_CLASSES 0 and the class names, checked against the data
+    resolve_epoch_schedule(cfg)  # SOLVER.EPOCHS into iterations of this training set
     if comm.is_main_process() and cfg.OUTPUT_DIR:
-        # default_setup wrote config.yaml before the layout was known: write the resolved one
+        # default_setup wrote config.yaml before the layout and schedule were known: write them
         with PathManager.open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
             f.write(cfg.dump())
     cfg.freeze()

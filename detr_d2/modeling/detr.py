@@ -23,6 +23,7 @@ from detectron2.structures import BitMasks, ImageList, PolygonMasks
 from torch import nn
 
 from ..checkpoint import convert_official_for_model, is_official_detr_state_dict
+from ..finetune import CheckpointInit, adapt_heads, checkpoint_class_layout
 from ..layout import ClassLayout, generic_layout, layout_from_cfg
 from ..precision import autocast, precision_dtype, to_float32
 from .box_ops import box_xyxy_to_cxcywh
@@ -192,6 +193,7 @@ class Detr(nn.Module):
         denoising: DenoisingQueries | None = None,
         denoising_weight: float = 1.0,
         size_divisibility_train: int = 0,
+        checkpoint_init: CheckpointInit | None = None,
     ):
         """
         Args:
@@ -233,6 +235,8 @@ class Detr(nn.Module):
             size_divisibility_train: pad training batches to a multiple of this (0: to the
                 largest image, as the official batching): few distinct batch shapes let oneDNN
                 reuse its convolution kernels instead of creating new ones for every batch.
+            checkpoint_init: how a checkpoint of other classes or another query count starts
+                the class head and queries (``MODEL.DETR.INIT``, :mod:`detr_d2.finetune`).
             one_to_many_repeat: k, how often each target is repeated for the one-to-many set.
             one_to_many_weight: weight of the one-to-many losses relative to the plain ones.
             score_activation: "softmax" (official) or "sigmoid" (models trained with a sigmoid
@@ -333,6 +337,7 @@ class Detr(nn.Module):
         self.dense_weight = dense_weight
         self.denoising_weight = denoising_weight
         self.size_divisibility_train = size_divisibility_train
+        self.checkpoint_init = checkpoint_init or CheckpointInit()
 
     def _freeze_detection(self) -> None:
         """Official stage 2 (``--frozen_weights``): only ``bbox_attention`` and ``mask_head``
@@ -431,21 +436,34 @@ class Detr(nn.Module):
             "denoising": _denoising_queries(detr, layout.num_classes),
             "denoising_weight": detr.DENOISING.WEIGHT,
             "size_divisibility_train": detr.SIZE_DIVISIBILITY_TRAIN,
+            "checkpoint_init": CheckpointInit.from_config(cfg, layout.num_classes),
         }
 
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def convert_checkpoint_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict:
+    def convert_checkpoint_state_dict(
+        self, state_dict: dict[str, torch.Tensor], class_layout: dict | None = None
+    ) -> dict:
         """``state_dict`` in this model's layout: an official DETR one (torchvision backbone
-        names, optional ``detr.`` prefix, class head indexed by COCO category id) is converted
-        and its head remapped to ``class_layout``; any other is returned as it is. Detectron2's
-        checkpointers call this before their shape check (see :mod:`detr_d2.compat`)."""
-        if not is_official_detr_state_dict(state_dict):
-            return state_dict
-        logger.warning("Loading an official DETR state dict: converting it to detr_d2's layout.")
-        return convert_official_for_model(state_dict, self, self.class_layout)
+        names, optional ``detr.`` prefix, class head indexed by COCO category id) is converted;
+        the class head and queries of a checkpoint of other classes or another query count
+        (``class_layout``: the names a detr_d2 checkpoint stores) are fitted to the model as
+        ``MODEL.DETR.INIT`` says (:mod:`detr_d2.finetune`). Detectron2's checkpointers call this
+        before their shape check (see :mod:`detr_d2.compat`)."""
+        if is_official_detr_state_dict(state_dict):
+            logger.warning(
+                "Loading an official DETR state dict: converting it to detr_d2's layout."
+            )
+            return convert_official_for_model(
+                state_dict, self, self.class_layout, self.checkpoint_init
+            )
+        state_dict = dict(state_dict)
+        own = self.state_dict()
+        stored = checkpoint_class_layout(state_dict, class_layout)
+        adapt_heads(state_dict, own, self.class_layout, self.checkpoint_init, stored)
+        return state_dict
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Old (official DETR) layouts are converted here too, for plain ``load_state_dict``."""
