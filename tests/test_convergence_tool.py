@@ -6,11 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from detr_d2.dev.benchmark import cpu_name
 from detr_d2.dev.convergence import (
     collect,
+    first_reaching,
     markdown_report,
     plot_curves,
     pretrain_command,
+    pretrain_summary,
+    reaching_table,
     read_curve,
     speed_command,
     speeds_from_comparison,
@@ -109,6 +113,7 @@ def test_pretrain_run_and_variants_starting_from_it(tmp_path):
     )
     pretrain = pretrain_command(spec, str(tmp_path))
     assert pretrain[2:] == [
+        "--resume",  # an interrupted pretraining continues where it stopped
         "--config-file",
         "configs/other.yaml",
         "MODEL.DETR.NUM_CLASSES",
@@ -201,7 +206,10 @@ def test_curves_tables_and_plot(tmp_path):
         )
         == 0
     )
-    assert markdown.read_text() == text
+    header, tables = markdown.read_text().split("\n\n", 1)
+    assert tables == text  # after a line with the command, date and CPU
+    assert header.startswith("Made by `python tools/convergence.py report --spec ")
+    assert cpu_name() in header
     assert plot.stat().st_size > 10000
 
 
@@ -277,3 +285,22 @@ def test_spec_metrics_other_tasks(tmp_path):
     plot = tmp_path / "pq.png"
     plot_curves(spec, collect(spec, str(tmp_path)), {"lr": 0.5}, "pan", str(plot))
     assert plot.stat().st_size > 10000
+
+
+def test_report_tells_when_each_run_reached_the_target_and_the_pretrain_ap(tmp_path):
+    write_run(tmp_path, "plain", 1, [20.0, 91.0, 95.0])
+    write_run(tmp_path, "plain", 2, [20.0, 60.0, 89.9])
+    write_run(tmp_path, "groups", 1, [92.0, 93.0, 94.0])
+    results = collect(SPEC, str(tmp_path))
+    assert first_reaching(results["plain"], "held/AP50", 90) == {1: 20, 2: None}
+    table = reaching_table(SPEC, results, 90)
+    assert "| plain | 20 | - |" in table and "| groups | 10 | not run |" in table
+    assert pretrain_summary(SPEC, str(tmp_path)) == ""  # no pretrain in the spec
+    spec = dict(SPEC, pretrain={"config": "c.yaml"})
+    (tmp_path / "pretrain").mkdir()
+    rows = [
+        {"iteration": 999, "total_loss": 2.0},
+        {"iteration": 999, "bbox/AP50": 55.5, "bbox/AP": 21.9},
+    ]
+    (tmp_path / "pretrain" / "metrics.json").write_text("\n".join(map(json.dumps, rows)))
+    assert "1000: 55.5 / 21.9" in pretrain_summary(spec, str(tmp_path))

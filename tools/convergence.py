@@ -26,9 +26,12 @@ warnings.filterwarnings(
 import argparse
 import json
 import logging
+import shlex
 import sys
+import time
 from pathlib import Path
 
+from detr_d2.dev.benchmark import cpu_name
 from detr_d2.dev.convergence import (
     collect,
     final_weights_ap,
@@ -36,6 +39,8 @@ from detr_d2.dev.convergence import (
     markdown_report,
     measure_speed,
     plot_curves,
+    pretrain_summary,
+    reaching_table,
     run_dir,
     run_experiment,
 )
@@ -61,6 +66,12 @@ def main(argv=None) -> int:
     parser.add_argument("--speeds", help="JSON of variant -> s/iteration (instead of measuring)")
     parser.add_argument("--speed-iters", type=int, default=30, help="timed steps per variant")
     parser.add_argument("--markdown", help="write the tables here")
+    parser.add_argument(
+        "--reach",
+        type=float,
+        help="also tabulate the first iteration at which each run reached this value of the "
+        "first metric on the first eval set (e.g. 90 for AP50 90)",
+    )
     parser.add_argument("--plot", help="PNG of AP50 vs iterations and minutes (first eval set)")
     args = parser.parse_args(argv)
     spec = load_spec(args.spec)
@@ -89,6 +100,14 @@ def main(argv=None) -> int:
         with open(f"{args.out}/speeds.json", "w") as f:
             json.dump(speeds, f, indent=1)
     text = markdown_report(spec, results, speeds, args.baseline)
+    if args.reach is not None:
+        text += "\n" + reaching_table(spec, results, args.reach)
+    summary = pretrain_summary(spec, args.out)
+    text = (
+        f"Made by `python tools/convergence.py {shlex.join(argv or sys.argv[1:])}` on "
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}, {cpu_name()}, from the runs in "
+        f"`{args.out}`.\n\n" + (summary + "\n" if summary else "") + text
+    )
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(text)

@@ -96,7 +96,7 @@ def memory_record(device: torch.device) -> dict:
     }
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -126,12 +126,13 @@ def environment_record(cfg: CfgNode) -> dict:
     device = torch.device(cfg.MODEL.DEVICE)
     return {
         "device": cfg.MODEL.DEVICE,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "detectron2": detectron2.__version__,
         "detr_d2_commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "test_precision": cfg.TEST.PRECISION,
         "train_precision": cfg.SOLVER.AMP.PRECISION if cfg.SOLVER.AMP.ENABLED else "fp32",
         "channels_last": cfg.MODEL.DETR.CHANNELS_LAST,
@@ -505,7 +506,7 @@ def markdown_table(records: list[dict]) -> str:
     """Benchmark records side by side (one row each), as in docs/benchmarks.md."""
     header = (
         "| record | task | input (batch x HxW) | precision | fold BN | channels-last | threads "
-        "| median s | p25-p75 s | images/s | peak RSS MiB |"
+        "| median s | p25-p75 s | images/s | s / image | peak RSS MiB | CPU, date |"
     )
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in records:
@@ -516,6 +517,7 @@ def markdown_table(records: list[dict]) -> str:
                 f"{mapper['seconds_p25']:.4f}-{mapper['seconds_p75']:.4f}",
             )
             rate = f"{mapper['images_per_second']:.1f} (1 worker); {loader['images_per_second']:.1f} (loader, {loader['num_workers']} workers)"
+            per_image = f"{1.0 / mapper['images_per_second']:.3g}"
             shape = "train mapper"
         else:
             median, quartiles = (
@@ -523,6 +525,7 @@ def markdown_table(records: list[dict]) -> str:
                 f"{r['seconds_p25']:.3f}-{r['seconds_p75']:.3f}",
             )
             rate = f"{r['images_per_second']:.2f}"
+            per_image = f"{1.0 / r['images_per_second']:.3g}"
             if r["task"] == "eval":
                 shape = f"{r['images']} images ({r.get('coco_eval_backend', 'pycocotools')})"
             else:
@@ -536,6 +539,7 @@ def markdown_table(records: list[dict]) -> str:
         rows.append(
             f"| {r.get('label') or '-'} | {r['task']} | {shape} | {precision} | "
             f"{fold} | {'yes' if r.get('channels_last') else 'no'} | "
-            f"{r['torch_threads']} | {median:.4g} | {quartiles} | {rate} | {memory:.0f} |"
+            f"{r['torch_threads']} | {median:.4g} | {quartiles} | {rate} | {per_image} | "
+            f"{memory:.0f} | {r.get('device_name', '?')}, {r.get('date', '?')} |"
         )
     return "\n".join(rows)

@@ -76,6 +76,7 @@ def _train_net(config: str, overrides: Sequence[str], seed: int, output_dir: Pat
     return [
         sys.executable,
         str(REPO / "tools" / "train_net.py"),
+        "--resume",  # an interrupted run continues from its last checkpoint (exactly)
         "--config-file",
         config,
         *overrides,
@@ -334,6 +335,48 @@ def markdown_report(spec: dict, results: dict, speeds: dict[str, float], baselin
                 cells = [cell_at.get(i, "-") for i in iterations]
                 lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def first_reaching(curves: dict[int, dict], key: str, threshold: float) -> dict[int, int | None]:
+    """Per seed, the first evaluated iteration where ``key`` (e.g. ``face_heldout/AP50``) is at
+    least ``threshold``; ``None`` where the run never got there."""
+    return {
+        seed: next((i for i, v in zip(c["iteration"], c[key]) if v >= threshold), None)
+        for seed, c in curves.items()
+    }
+
+
+def reaching_table(spec: dict, results: dict, threshold: float) -> str:
+    """Markdown: the iteration at which each variant's runs first reached ``threshold`` of the
+    first metric on the first eval set ("-": not within the run)."""
+    key = f"{spec['eval_sets'][0]}/{metric_label(spec_metrics(spec)[0])}"
+    lines = [
+        f"**First evaluation with {key} >= {threshold:g}** (per seed)",
+        "",
+        "| variant | " + " | ".join(f"seed {s}" for s in spec["seeds"]) + " |",
+        "|---" * (len(spec["seeds"]) + 1) + "|",
+    ]
+    for variant, curves in results.items():
+        reached = first_reaching(curves, key, threshold)
+        cells = [str(reached.get(s) or "-") if s in reached else "not run" for s in spec["seeds"]]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def pretrain_summary(spec: dict, out_dir: str) -> str:
+    """Markdown lines with the box AP50 / AP of the spec's pretrain run at each evaluation, or
+    "" without a pretrain run."""
+    path = pretrain_dir(out_dir) / "metrics.json"
+    if "pretrain" not in spec or not path.exists():
+        return ""
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    evals = [r for r in records if "bbox/AP50" in r]
+    cells = [f"{r['iteration'] + 1}: {r['bbox/AP50']:.1f} / {r['bbox/AP']:.1f}" for r in evals]
+    return (
+        "**Pretraining** (the spec's pretrain run; box AP50 / AP on its test set at each "
+        "evaluation): " + ", ".join(cells) + "\n"
+    )
 
 
 def final_weights_ap(run: Path) -> dict[str, dict[str, dict[str, float]]]:
