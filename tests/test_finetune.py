@@ -13,13 +13,16 @@ from detr_d2.finetune import query_subset
 from detr_d2.solver import MODEL_PARTS, build_detr_optimizer, model_part
 
 from helpers import (
+    CONFIGS,
     LOADING_PATHS,
     build_model_no_weights,
     cfg_for_manifest,
     load_reference,
     load_through,
     make_upstream_checkpoint,
+    sample_face_opts,
     tiny_cfg,
+    train_net,
 )
 
 PERSON_ROW_91 = 1  # official head: row i = COCO category id i
@@ -252,3 +255,27 @@ def test_epoch_schedule_follows_the_training_set():
     cfg.SOLVER.EPOCHS.STEPS = [12.0]
     with pytest.raises(ValueError, match="SOLVER.EPOCHS.STEPS"):
         resolve_epoch_schedule(cfg)
+
+
+@pytest.mark.parametrize("config", ["detr_face_laptop.yaml", "detr_face_dc5_laptop.yaml"])
+def test_laptop_recipe_fine_tunes_an_official_file_through_train_net(config, tmp_path):
+    """tools/train_net.py with the laptop config and an official-layout file: the face row
+    starts from person, the schedule comes in epochs, the frozen backbone does not change."""
+    variant = "r50_dc5" if "dc5" in config else "r50"
+    expected, manifest = load_reference(variant)
+    weights = make_upstream_checkpoint(manifest, 0, tmp_path / f"detr-{variant}.pth")
+    data = sample_face_opts(tmp_path / "faces", "faces_ft", num_train=8, num_val=2, seed=5)
+    out = tmp_path / "run"
+    log = train_net(
+        "--config-file", CONFIGS / config, *data, "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out,
+        "SOLVER.IMS_PER_BATCH", 2, "SOLVER.EPOCHS.MAX", 0.5, "SOLVER.EPOCHS.STEPS", "()",
+        "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", 240, "TEST.EVAL_PERIOD", 0,
+    )  # fmt: skip
+    assert "8 training images in batches of 2 -> MAX_ITER 2" in log
+    assert "face <- person" in log
+    official = safe_torch_load(str(weights))["model"]
+    trained = safe_torch_load(str(out / "model_final.pth"))["model"]
+    assert torch.equal(
+        trained["backbone.res5.2.conv3.weight"], official["backbone.0.body.layer4.2.conv3.weight"]
+    )
+    assert not torch.equal(trained["class_embed.weight"][0], official["class_embed.weight"][1])

@@ -29,6 +29,7 @@ from ..precision import autocast, precision_dtype, to_float32
 from .box_ops import box_xyxy_to_cxcywh
 from .criterion import SetCriterion, build_weight_dict
 from .dense_head import DenseAuxHead
+from .frozen_backbone import FoldedBackbone, is_frozen
 from .matcher import HungarianMatcher
 from .position_encoding import build_position_encoding
 from .postprocessing import (
@@ -306,6 +307,8 @@ class Detr(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        # a frozen backbone trains as a copy with folded batch norms (not a submodule)
+        self._folded_backbone = FoldedBackbone(channels_last)
 
         if score_activation == "sigmoid" and mask_on:
             raise ValueError(
@@ -540,7 +543,10 @@ class Detr(nn.Module):
         pixels = images.tensor
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        features = self.backbone(pixels)
+        if self.training and is_frozen(self.backbone):
+            features = self._folded_backbone(self.backbone, pixels)
+        else:
+            features = self.backbone(pixels)
         feature = features[self.in_feature]
         mask = self.padding_mask(images, feature.shape[-2:])
         pos = self.position_embedding(mask).to(feature.dtype)
