@@ -97,10 +97,11 @@ def add_detr_config(cfg: CN) -> None:
     # The checkpoint's "no object" row is kept. Empty: classes that are COCO categories of an
     # official head (same id and name) take their rows, the others start fresh.
     cfg.MODEL.DETR.INIT.CLASSES_FROM = []
-    # NUM_OBJECT_QUERIES below the checkpoint's: keep a "spread" subset (farthest-point choice of
-    # the query embeddings), the "first" ones, or re-initialise them all ("random"). Above it:
-    # all the checkpoint's queries are kept and the rest start fresh.
-    cfg.MODEL.DETR.INIT.QUERIES = "spread"
+    # NUM_OBJECT_QUERIES below the checkpoint's: keep the "first" of its queries, a "spread"
+    # subset (farthest-point choice of the embeddings: no better on the offline stand-in), or
+    # re-initialise them all ("random"). Above it: all the checkpoint's queries are kept and the
+    # rest start fresh.
+    cfg.MODEL.DETR.INIT.QUERIES = "first"
 
     # Segmentation: MODEL.MASK_ON (Detectron2's key) adds DETR's mask head (paper Sec. 4.4).
     # Train only the mask head; backbone, transformer and box/class heads are frozen (official

@@ -28,7 +28,7 @@ __all__ = ["CheckpointInit", "adapt_heads", "checkpoint_class_layout", "query_su
 
 logger = logging.getLogger(__name__)
 
-QUERY_POLICIES = ("spread", "first", "random")
+QUERY_POLICIES = ("first", "spread", "random")
 _CLASSES_KEY = "MODEL.DETR.INIT.CLASSES_FROM"
 _QUERIES_KEY = "MODEL.DETR.INIT.QUERIES"
 
@@ -38,10 +38,10 @@ class CheckpointInit:
     """``classes_from[i]``: the checkpoint class whose row model class i starts from ("": a
     fresh row; empty tuple: COCO categories of an official head take their own row, the others
     start fresh). ``queries``: which of the checkpoint's object queries a model with fewer keeps
-    ("spread", "first") or "random" for none."""
+    ("first", "spread") or "random" for none."""
 
     classes_from: tuple[str, ...] = ()
-    queries: str = "spread"
+    queries: str = "first"
 
     @classmethod
     def from_config(cls, cfg: CfgNode, num_classes: int) -> "CheckpointInit":

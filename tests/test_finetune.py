@@ -147,7 +147,7 @@ def test_own_checkpoint_seeds_by_stored_names_and_resumes_as_is(tmp_path):
         assert torch.equal(head[0], pretrained["class_embed.weight"][1])
         assert torch.equal(head[1], fresh[1])  # "" starts fresh
         assert torch.equal(head[2], pretrained["class_embed.weight"][3])  # no-object row
-        kept = query_subset(pretrained["query_embed.weight"], 4, "spread")
+        kept = query_subset(pretrained["query_embed.weight"], 4, "first")
         assert torch.equal(
             model.query_embed.weight.detach(), pretrained["query_embed.weight"][kept]
         )
@@ -260,7 +260,7 @@ def test_epoch_schedule_follows_the_training_set():
 @pytest.mark.parametrize("config", ["detr_face_laptop.yaml", "detr_face_dc5_laptop.yaml"])
 def test_laptop_recipe_fine_tunes_an_official_file_through_train_net(config, tmp_path):
     """tools/train_net.py with the laptop config and an official-layout file: the face row
-    starts from person, the schedule comes in epochs, the frozen backbone does not change."""
+    starts from person, the schedule comes in epochs, the frozen stages do not change and res5 trains."""
     variant = "r50_dc5" if "dc5" in config else "r50"
     expected, manifest = load_reference(variant)
     weights = make_upstream_checkpoint(manifest, 0, tmp_path / f"detr-{variant}.pth")
@@ -275,7 +275,10 @@ def test_laptop_recipe_fine_tunes_an_official_file_through_train_net(config, tmp
     assert "face <- person" in log
     official = safe_torch_load(str(weights))["model"]
     trained = safe_torch_load(str(out / "model_final.pth"))["model"]
-    assert torch.equal(
+    assert torch.equal(  # frozen up to res4
+        trained["backbone.res4.5.conv3.weight"], official["backbone.0.body.layer3.5.conv3.weight"]
+    )
+    assert not torch.equal(  # res5 trains
         trained["backbone.res5.2.conv3.weight"], official["backbone.0.body.layer4.2.conv3.weight"]
     )
     assert not torch.equal(trained["class_embed.weight"][0], official["class_embed.weight"][1])

@@ -173,7 +173,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         for path in args.table:
             with open(path) as f:
                 records.append(json.load(f))
-        print(markdown_table(records))
+        single = [r for r in records if r.get("mode") != "interleaved"]
+        if single:
+            print(markdown_table(single))
+        for record in records:  # interleaved comparisons: a table each, with where and when
+            if record.get("mode") == "interleaved":
+                print(f"\n{record.get('device_name', '?')}, {record.get('date', '?')}:\n")
+                print(comparison_table(record))
         return None
     setup_logger(name="detr_d2")
     setup_logger(name="detectron2", abbrev_name="d2")

@@ -366,13 +366,14 @@ def reaching_table(spec: dict, results: dict, threshold: float) -> str:
 def pretrain_summary(spec: dict, out_dir: str) -> str:
     """Markdown lines with the box AP50 / AP of the spec's pretrain run at each evaluation, or
     "" without a pretrain run."""
-    path = pretrain_dir(out_dir) / "metrics.json"
-    if "pretrain" not in spec or not path.exists():
+    path = pretrain_dir(out_dir)
+    if "pretrain" not in spec or not (path / "metrics.json").exists():
         return ""
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    evals = [r for r in records if "bbox/AP50" in r]
-    cells = [f"{r['iteration'] + 1}: {r['bbox/AP50']:.1f} / {r['bbox/AP']:.1f}" for r in evals]
+    curve = read_curve(path, ["pretrain"], ["bbox/AP50", "bbox/AP"])  # its one test set
+    cells = [
+        f"{i}: {ap50:.1f} / {ap:.1f}"
+        for i, ap50, ap in zip(curve["iteration"], curve["pretrain/AP50"], curve["pretrain/AP"])
+    ]
     return (
         "**Pretraining** (the spec's pretrain run; box AP50 / AP on its test set at each "
         "evaluation): " + ", ".join(cells) + "\n"
@@ -426,14 +427,17 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for variant, curves in results.items():
+    colours = plt.cm.tab20.colors  # distinct up to 20 variants (the default cycle has 10)
+    for index, (variant, curves) in enumerate(results.items()):
         iterations, mean, values = _mean_curve(curves, f"{eval_set}/{label}")
         iterations = np.array(iterations)
         for axis, x in (
             (axes[0], iterations),
             (axes[1], iterations * speeds.get(variant, np.nan) / 60),
         ):
-            (line,) = axis.plot(x, mean, marker="o", markersize=3, label=variant)
+            (line,) = axis.plot(
+                x, mean, marker="o", markersize=3, label=variant, color=colours[index % 20]
+            )
             low, high = [min(v) for v in values], [max(v) for v in values]
             axis.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
     axes[0].set_xlabel("iteration")

@@ -29,7 +29,7 @@ from ..precision import autocast, precision_dtype, to_float32
 from .box_ops import box_xyxy_to_cxcywh
 from .criterion import SetCriterion, build_weight_dict
 from .dense_head import DenseAuxHead
-from .frozen_backbone import FoldedBackbone, is_frozen
+from .frozen_backbone import FoldedBackbone, has_foldable_frozen_part
 from .matcher import HungarianMatcher
 from .position_encoding import build_position_encoding
 from .postprocessing import (
@@ -307,7 +307,7 @@ class Detr(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        # a frozen backbone trains as a copy with folded batch norms (not a submodule)
+        # frozen backbone stages train as a copy with folded batch norms (not a submodule)
         self._folded_backbone = FoldedBackbone(channels_last)
 
         if score_activation == "sigmoid" and mask_on:
@@ -543,7 +543,7 @@ class Detr(nn.Module):
         pixels = images.tensor
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        if self.training and is_frozen(self.backbone):
+        if self.training and has_foldable_frozen_part(self.backbone):
             features = self._folded_backbone(self.backbone, pixels)
         else:
             features = self.backbone(pixels)

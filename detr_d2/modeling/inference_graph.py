@@ -23,12 +23,15 @@ _FOLDABLE_NORMS = (FrozenBatchNorm2d, nn.BatchNorm2d)
 
 
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module) -> int:
+def fold_batchnorm(model: nn.Module, frozen_only: bool = False) -> int:
     """Fold every batch norm that is a Detectron2 ``Conv2d``'s ``norm`` into that convolution, in
-    place; returns how many were folded. Batch norms must use running statistics (eval mode)."""
+    place; returns how many were folded. Batch norms must use running statistics (eval mode).
+    ``frozen_only``: only convolutions whose weight takes no gradient."""
     folded = 0
     for module in model.modules():
         if not isinstance(module, Conv2d) or not isinstance(module.norm, _FOLDABLE_NORMS):
+            continue
+        if frozen_only and module.weight.requires_grad:
             continue
         norm = module.norm
         if norm.training and isinstance(norm, nn.BatchNorm2d):
