@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import PIL
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, detection_utils as utils, transforms as T
@@ -24,7 +25,7 @@ from .engine import build_checkpointer, resolve_device
 from .layout import set_layout_keys
 from .modeling.inference_graph import inference_model
 
-__all__ = ["DetrPredictor", "IMAGE_EXTENSIONS", "list_images"]
+__all__ = ["DetrPredictor", "IMAGE_EXTENSIONS", "UnreadableImage", "list_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,15 @@ def list_images(inputs: Sequence[str]) -> list[str]:
             f"--input {list(inputs)}: no images found (extensions {IMAGE_EXTENSIONS})"
         )
     return paths
+
+
+class UnreadableImage(ValueError):
+    """An input file that is not a readable image (empty, not an image, truncated, ...): tools
+    skip it with one line naming the file and why, and go on."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
 
 
 class DetrPredictor:
@@ -128,8 +138,17 @@ class DetrPredictor:
         return meta
 
     def read_image(self, path: str) -> np.ndarray:
-        """HWC uint8 in ``INPUT.FORMAT``."""
-        return utils.read_image(path, format=self.cfg.INPUT.FORMAT)
+        """HWC uint8 in ``INPUT.FORMAT``, read as Detectron2 reads it (EXIF orientation applied,
+        grayscale, palette, RGBA and CMYK converted). A file that is no readable image raises
+        :class:`UnreadableImage` naming it and why."""
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise UnreadableImage(path, "empty file")
+        try:
+            return utils.read_image(path, format=self.cfg.INPUT.FORMAT)
+        except PIL.UnidentifiedImageError:
+            raise UnreadableImage(path, "not an image PIL can read") from None
+        except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt image data
+            raise UnreadableImage(path, f"{type(e).__name__}: {e}") from None
 
     def to_rgb(self, image: np.ndarray) -> np.ndarray:
         return utils.convert_image_to_rgb(image, self.cfg.INPUT.FORMAT)

@@ -12,6 +12,10 @@
         --output output/faces_onnx --backend onnxruntime --exported output/export_faces
 
 ``--input`` takes image files and folders (their images, sorted; a progress bar runs over them).
+A file that is no readable image (empty, not an image, truncated) is skipped with one line naming
+it and why; the others are predicted, the skipped ones listed in OUTPUT/skipped.json, and the exit
+status is 1. predictions.json is rewritten every 20 images, so a long run that is stopped keeps
+what it predicted.
 For each image, OUTPUT/<name>.png shows the panoptic segmentation (models with
 ``MODEL.DETR.TEST.PANOPTIC_ON``) or the instances scoring at least ``--score-threshold`` (boxes,
 and masks with ``MODEL.MASK_ON``); ``--mode`` chooses explicitly. OUTPUT/predictions.json holds,
@@ -46,7 +50,7 @@ from tqdm import tqdm
 
 from detr_d2 import add_detr_config
 from detr_d2.export import BACKENDS
-from detr_d2.predictor import DetrPredictor, list_images
+from detr_d2.predictor import DetrPredictor, UnreadableImage, list_images
 
 logger = logging.getLogger("detr_d2.predict")
 
@@ -136,9 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     paths = list_images(args.input)
     os.makedirs(args.output, exist_ok=True)
 
-    results, used = [], set()
+    results, skipped, used = [], [], set()
     for path in tqdm(paths, desc="predict", unit="image", disable=len(paths) < 2):
-        image = predictor.read_image(path)
+        try:
+            image = predictor.read_image(path)
+        except UnreadableImage as e:
+            logger.warning(f"Skipped {e}")
+            skipped.append({"file_name": path, "reason": e.reason})
+            continue
         output = predictor(image)
         rgb = predictor.to_rgb(image)
         visualizer = Visualizer(rgb, metadata, scale=args.scale, instance_mode=ColorMode.IMAGE)
@@ -177,11 +186,33 @@ def main(argv: list[str] | None = None) -> int:
             record.update(fields)
         drawn.save(os.path.join(args.output, f"{stem}.png"))
         results.append(record)
+        if len(results) % WRITE_EVERY == 0:  # a long folder keeps what it has if stopped
+            write_results(args.output, results, skipped)
 
-    with open(os.path.join(args.output, "predictions.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_results(args.output, results, skipped)
     logger.info(f"Wrote {len(results)} drawings and predictions.json to {args.output}")
-    return 0
+    if skipped:
+        logger.warning(
+            f"Skipped {len(skipped)} of {len(paths)} files that are no readable images (listed "
+            f"in {os.path.join(args.output, 'skipped.json')}); exit status 1."
+        )
+    return 1 if skipped else 0
+
+
+WRITE_EVERY = 20  # images between rewrites of predictions.json
+
+
+def write_results(output: str, results: list[dict], skipped: list[dict]) -> None:
+    """predictions.json (and skipped.json when files were skipped), each written to a temporary
+    name and renamed, so an interrupted run leaves complete files."""
+    files = {"predictions.json": results}
+    if skipped:
+        files["skipped.json"] = skipped
+    for name, content in files.items():
+        path = os.path.join(output, name)
+        with open(path + ".tmp", "w") as f:
+            json.dump(content, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
