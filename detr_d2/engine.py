@@ -15,6 +15,7 @@ from detectron2.data import (
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter
 
 from .checkpoint import DetrCheckpointer
 from .compat import NonFiniteLossCheck, amp_run_step, init_default_trainer, start_data_loader
@@ -34,6 +35,7 @@ from .layout import layout_from_cfg, set_layout_keys
 from .modeling.inference_graph import inference_model
 from .precision import precision_dtype
 from .solver import build_detr_optimizer
+from .training_log import CompactMetricPrinter
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +195,14 @@ class DetrTrainer(DefaultTrainer):
         scheduler_at = next(i for i, h in enumerate(hook_list) if isinstance(h, hooks.LRScheduler))
         hook_list.insert(scheduler_at + 1, self.ema_hook)
         return hook_list
+
+    def build_writers(self):
+        """Detectron2's writers, with the console line made compact (:mod:`detr_d2.training_log`):
+        ``metrics.json`` keeps every loss term."""
+        return [
+            CompactMetricPrinter(self.max_iter) if isinstance(w, CommonMetricPrinter) else w
+            for w in super().build_writers()
+        ]
 
     def resume_or_load(self, resume: bool = True):
         self._loaded_rng_state = None

@@ -27,6 +27,9 @@ def test_train_resume_and_evaluate(sample_data, tmp_path):
     train_rows = [m for m in metrics if "total_loss" in m]
     assert train_rows and all(torch.isfinite(torch.tensor(m["total_loss"])) for m in train_rows)
     assert "class_error" in train_rows[-1] and "loss_giou_0" in train_rows[-1]
+    # the console line is compact: last-layer terms and a sum per branch (detr_d2.training_log)
+    lines = [line for line in log.splitlines() if " iter: " in line and "total_loss" in line]
+    assert lines and all("aux: " in line and "loss_giou_0" not in line for line in lines)
     assert (
         "bbox/AP" in metrics[-1] and "bbox/AP50" in metrics[-1]
     )  # COCOEvaluator ran after training
