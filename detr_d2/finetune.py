@@ -17,8 +17,6 @@ import torch
 from detectron2.config import CfgNode
 
 from .layout import (
-    OFFICIAL_DETECTION_ROWS,
-    OFFICIAL_PANOPTIC_ROWS,
     ClassLayout,
     official_class_rows,
     official_coco_layout,
@@ -117,7 +115,7 @@ def _adapt_class_head(state_dict, own, layout, init, checkpoint_layout) -> None:
             + (f"; {source.count(None)} classes start fresh." if None in source else ".")
         )
         return
-    coco_rows = official_class_rows(layout, rows) if rows in _OFFICIAL_ROWS else None
+    coco_rows = official_class_rows(layout, rows)  # None unless an official head fits
     if coco_rows is not None:
         index = torch.as_tensor(list(coco_rows) + [rows - 1])
         for key in keys:
@@ -132,9 +130,6 @@ def _adapt_class_head(state_dict, own, layout, init, checkpoint_layout) -> None:
             f"{layout.num_classes} (MODEL.DETR.NUM_CLASSES; {_CLASSES_KEY} seeds them from "
             "classes of the checkpoint)."
         )
-
-
-_OFFICIAL_ROWS = (OFFICIAL_DETECTION_ROWS, OFFICIAL_PANOPTIC_ROWS)
 
 
 def _seed_rows(

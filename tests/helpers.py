@@ -183,6 +183,12 @@ def load_through(path, cfg):
     return model
 
 
+def files_under(root):
+    """Every file under ``root`` by relative path, with its bytes (byte-identical reruns)."""
+    files = sorted(p for p in Path(root).rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
 def load_tool(name):
     """The module of ``tools/<name>.py`` (tools are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")

@@ -24,16 +24,10 @@ from detr_d2.data.samples.people import (
     render_image,
 )
 
-from helpers import load_tool
+from helpers import files_under, load_tool
 
 # Large enough for one negative image; small enough to stay well under a second.
 NUM_TRAIN, NUM_VAL, SEED = EMPTY_EVERY, 4, 3
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` by relative path, with its bytes."""
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +58,7 @@ def test_layout_and_counts(dataset: Path) -> None:
 
 def test_deterministic(dataset: Path, tmp_path: Path) -> None:
     generate_people_dataset(tmp_path, NUM_TRAIN, NUM_VAL, SEED)
-    assert _files(tmp_path) == _files(dataset)
+    assert files_under(tmp_path) == files_under(dataset)
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
