@@ -23,7 +23,9 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from iopath.common.file_io import get_cache_dir
 
+from .checkpoint_fit import CheckpointMismatch, architecture_of_model
 from .compat import AtomicWrites, allow_official_args_namespace, let_model_convert
+from .errors import UserInputError
 from .layout import ClassLayout
 
 logger = logging.getLogger(__name__)
@@ -31,21 +33,45 @@ logger = logging.getLogger(__name__)
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8})\.pth$")  # torch.hub convention: sha256 prefix
 
 
+class UnsafeCheckpoint(UserInputError, pickle.UnpicklingError):
+    """A checkpoint that pickles objects other than tensors, plain containers and
+    ``argparse.Namespace``: refused, as loading it could run code."""
+
+
 def safe_torch_load(path: str) -> dict:
     """``torch.load(weights_only=True)`` that also accepts the ``argparse.Namespace`` official
     DETR files carry under ``args``, and refuses any other pickled object with a clear error."""
+    if not os.path.isfile(path):
+        raise UserInputError(f"{path}: no such checkpoint file")
     try:
         # not a ``safe_globals`` block: its exit would remove the Namespace that Detectron2's own
         # checkpointer needs for official files (see detr_d2/compat.py)
         allow_official_args_namespace()
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise pickle.UnpicklingError(
+        # torch's message advises weights_only=False, the opposite of ours: keep only the class
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" (it holds {found.group(1)})" if found else ""
+        raise UnsafeCheckpoint(
             f"Refusing to load {path}: it contains pickled objects other than tensors, plain "
-            f"containers and argparse.Namespace, which could run code when loaded. Only load "
-            f"checkpoints you trust; re-save a trusted one as a plain state dict "
-            f"(torch.save({{'model': state_dict}}, path)). Details: {str(e).splitlines()[0]}"
+            f"containers and argparse.Namespace{what}, which could run code when loaded. Only "
+            f"load checkpoints you trust; re-save a trusted one as a plain state dict "
+            f"(torch.save({{'model': state_dict}}, path))."
         ) from None
+
+
+def torchvision_resnet_as_official(state_dict: dict[str, torch.Tensor]) -> dict:
+    """A torchvision ImageNet ResNet state dict (``conv1``, ``layer1`` ... ``fc``) under the
+    backbone prefix of official DETR files, without its classifier and batch counters, so it
+    converts as their backbone does (it fills the backbone only: ``MODEL.DETR.INIT.PARTIAL``);
+    any other state dict as it is."""
+    if not ("conv1.weight" in state_dict and "layer1.0.conv1.weight" in state_dict):
+        return state_dict
+    return {
+        f"backbone.0.body.{k}": v
+        for k, v in state_dict.items()
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
 
 
 def is_official_detr_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
@@ -238,21 +264,33 @@ class DetrCheckpointer(DetectionCheckpointer):
         extra = {}
         if self.saved_model_state is not None:
             extra["model"] = self.saved_model_state()
-        layout = getattr(self._unwrapped_model(), "class_layout", None)
+        model = self._unwrapped_model()
+        layout = getattr(model, "class_layout", None)
         if layout is not None:
             extra["class_layout"] = layout.to_dict()
+            extra["architecture"] = architecture_of_model(model)
         super().save(name, **{**extra, **kwargs})  # fvcore merges kwargs into the file last
 
     def load(self, path: str, *args, **kwargs):
         if path and re.match(r"^https?://", path):
             path = download_weights(path)
-        return super().load(path, *args, **kwargs)
+        elif path and not os.path.isfile(self.path_manager.get_local_path(path)):
+            raise UserInputError(
+                f'MODEL.WEIGHTS={path}: no such file (give the path of a .pth file, or "" '
+                f"to start from a fresh model)"
+            )
+        try:
+            return super().load(path, *args, **kwargs)
+        except CheckpointMismatch as e:
+            raise CheckpointMismatch(f"MODEL.WEIGHTS={path}: {e}") from None
 
     def _torch_load(self, f: str) -> dict:
         loaded = safe_torch_load(f)
         if isinstance(loaded, dict) and is_official_detr_state_dict(loaded.get("model", loaded)):
-            # keep only the weights: the official optimizer/scheduler states do not apply here
-            return {"model": loaded.get("model", loaded)}
+            # keep only the weights and the training arguments (checked against the config): the
+            # official optimizer/scheduler states do not apply here
+            args = {"args": loaded["args"]} if "args" in loaded else {}
+            return {"model": loaded.get("model", loaded), **args}
         return loaded
 
     def _load_model(self, checkpoint: dict):

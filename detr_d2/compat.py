@@ -117,8 +117,15 @@ def let_model_convert(checkpointer: Any, checkpoint: dict) -> None:
         return
     if checkpoint.get(_CONVERTED):  # our checkpointer converts before the upstream method
         return
-    # a detr_d2 checkpoint's class names, for seeding the model's classes from them
-    extra = {"class_layout": checkpoint["class_layout"]} if "class_layout" in checkpoint else {}
+    # a detr_d2 checkpoint's class names (for seeding the model's classes from them), and what
+    # the file says it holds: official training args, a detr_d2 architecture, heuristic names
+    names = {
+        "class_layout": "class_layout",
+        "args": "official_args",
+        "architecture": "architecture",
+        "matching_heuristics": "matching_heuristics",
+    }
+    extra = {arg: checkpoint[key] for key, arg in names.items() if checkpoint.get(key)}
     checkpoint["model"] = convert(checkpoint["model"], **extra)
     checkpoint[_CONVERTED] = True
 

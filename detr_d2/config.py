@@ -102,6 +102,10 @@ def add_detr_config(cfg: CN) -> None:
     # re-initialise them all ("random"). Above it: all the checkpoint's queries are kept and the
     # rest start fresh.
     cfg.MODEL.DETR.INIT.QUERIES = "first"
+    # False: a checkpoint of another architecture, or with tensors missing, unused or of another
+    # shape beyond the class head and queries, stops the load naming them. True: load what fits
+    # (e.g. backbone-only weights such as an ImageNet ResNet); the rest starts fresh.
+    cfg.MODEL.DETR.INIT.PARTIAL = False
 
     # Segmentation: MODEL.MASK_ON (Detectron2's key) adds DETR's mask head (paper Sec. 4.4).
     # Train only the mask head; backbone, transformer and box/class heads are frozen (official

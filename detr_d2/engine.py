@@ -28,12 +28,12 @@ from .data.resumable import (
     rng_state,
     set_rng_state,
 )
-from .dev.model_report import log_model_report
 from .ema import EMAHook, unwrap
 from .evaluation import EVALUATORS, coco_evaluators, cocoeval_class
 from .layout import layout_from_cfg, set_layout_keys
+from .model_report import log_model_report
 from .modeling.inference_graph import inference_model
-from .precision import precision_dtype
+from .precision import precision_dtype, resolve_auto
 from .solver import build_detr_optimizer
 from .training_log import CompactMetricPrinter
 
@@ -56,6 +56,39 @@ def resolve_device(cfg: CfgNode) -> None:
             logger.warning("SOLVER.AMP.PRECISION='fp16' needs a GPU: using 'bf16' on CPU.")
             cfg.SOLVER.AMP.PRECISION = "bf16"
     logger.info(f"Running on {cfg.MODEL.DEVICE} with {torch.get_num_threads()} CPU threads.")
+
+
+def recorded_config(output_dir: str) -> CfgNode | None:
+    """The config a run in ``output_dir`` recorded (``config.yaml``), if it left a checkpoint to
+    resume from; ``None`` otherwise."""
+    path = os.path.join(output_dir, "config.yaml")
+    if not (output_dir and os.path.isfile(path)):
+        return None
+    if not os.path.isfile(os.path.join(output_dir, "last_checkpoint")):
+        return None
+    with open(path) as f:
+        return CfgNode.load_cfg(f)
+
+
+def resolve_auto_precision(cfg: CfgNode, recorded: CfgNode | None = None) -> None:
+    """Replace "auto" in ``SOLVER.AMP.PRECISION`` and ``TEST.PRECISION`` by the precision it
+    picks, so that ``config.yaml`` records it. A resumed run passes the config its first start
+    recorded (:func:`recorded_config`) and keeps that choice, so its steps compute as the
+    interrupted run's did whatever a new speed measurement (the CPU "auto") would say."""
+    device_type = "cuda" if cfg.MODEL.DEVICE.startswith("cuda") else "cpu"
+    for node_of, key in (
+        (lambda c: c.SOLVER.AMP, "SOLVER.AMP.PRECISION"),
+        (lambda c: c.TEST, "TEST.PRECISION"),
+    ):
+        node = node_of(cfg)
+        if node.PRECISION != "auto":
+            continue
+        before = node_of(recorded).get("PRECISION", "auto") if recorded is not None else "auto"
+        if before != "auto":
+            logger.info(f"{key}='auto': {before}, as the run being resumed chose.")
+            node.PRECISION = before
+        else:
+            node.PRECISION = resolve_auto("auto", key, device_type)
 
 
 def resolve_num_workers(cfg: CfgNode) -> int:

@@ -40,6 +40,7 @@ class CheckpointInit:
 
     classes_from: tuple[str, ...] = ()
     queries: str = "first"
+    partial: bool = False  # load a checkpoint that covers part of the model only
 
     @classmethod
     def from_config(cls, cfg: CfgNode, num_classes: int) -> "CheckpointInit":
@@ -55,7 +56,7 @@ class CheckpointInit:
             raise ValueError(
                 f"{_QUERIES_KEY} must be one of {QUERY_POLICIES}, got {init.QUERIES!r}."
             )
-        return cls(classes_from, init.QUERIES)
+        return cls(classes_from, init.QUERIES, bool(init.PARTIAL))
 
 
 def checkpoint_class_layout(

@@ -22,14 +22,22 @@ logger = logging.getLogger(__name__)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_auto(name: str, key: str, device_type: str) -> str:
+    """``name`` itself, or for "auto" the precision it picks on this device (see
+    :func:`precision_dtype`), logged once."""
+    if name != "auto":
+        return name
+    name = _auto_precision(device_type)
+    logger.info(f"{key}='auto': {name} on this {device_type.upper()}.")
+    return name
+
+
 def precision_dtype(name: str, key: str, device_type: str) -> torch.dtype:
     """The dtype of precision ``name`` given in config ``key``, checked against the device.
     "auto" is the fastest precision with native support: on CPUs with AVX512-BF16/AMX, bf16
     where it measures faster than fp32 (:func:`cpu_bf16_speedup`), fp32 on other CPUs; bf16 on
     GPUs that have it, fp16 on older GPUs."""
-    if name == "auto":
-        name = _auto_precision(device_type)
-        logger.info(f"{key}='auto': {name} on this {device_type.upper()}.")
+    name = resolve_auto(name, key, device_type)
     if name not in PRECISIONS:
         raise ValueError(f"{key} must be 'auto' or one of {list(PRECISIONS)}, got {name!r}.")
     if name == "fp16" and device_type == "cpu":

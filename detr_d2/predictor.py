@@ -11,7 +11,8 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-import PIL
+import PIL.Image
+import PIL.ImageOps
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog, detection_utils as utils, transforms as T
@@ -20,8 +21,9 @@ from detectron2.modeling import build_model
 
 from .checkpoint import stored_class_layout
 from .data import register_datasets_from_cfg
-from .data.augmentation import build_detr_augmentation
+from .data.augmentation import DetrResizeShortestEdge, build_detr_augmentation
 from .engine import build_checkpointer, resolve_device
+from .errors import UserInputError
 from .layout import set_layout_keys
 from .modeling.inference_graph import inference_model
 
@@ -53,7 +55,23 @@ def list_images(inputs: Sequence[str]) -> list[str]:
     return paths
 
 
-class UnreadableImage(ValueError):
+def to_8_bit(image: PIL.Image.Image) -> PIL.Image.Image:
+    """16-bit ("I;16*"), 32-bit integer ("I") and float ("F") grayscale as 8-bit grayscale,
+    scaled by the range of the type (16-bit: / 257) or, for "I" and "F", of the image's values
+    when they exceed 8 bits; other modes as they are."""
+    if image.mode.startswith("I;16"):
+        return PIL.Image.fromarray(
+            (np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8)
+        )
+    if image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = values.max() if values.size and values.max() > 255 else 255.0
+        scaled = np.clip(values, 0, None) * (255.0 / top) if top > 0 else values
+        return PIL.Image.fromarray(scaled.round().clip(0, 255).astype(np.uint8))
+    return image
+
+
+class UnreadableImage(UserInputError):
     """An input file that is not a readable image (empty, not an image, truncated, ...): tools
     skip it with one line naming the file and why, and go on."""
 
@@ -139,16 +157,42 @@ class DetrPredictor:
 
     def read_image(self, path: str) -> np.ndarray:
         """HWC uint8 in ``INPUT.FORMAT``, read as Detectron2 reads it (EXIF orientation applied,
-        grayscale, palette, RGBA and CMYK converted). A file that is no readable image raises
-        :class:`UnreadableImage` naming it and why."""
+        grayscale, palette, RGBA and CMYK converted), except that 16-bit and 32-bit grayscale
+        are scaled to 8 bits (Detectron2 clips them, which turns most of an image white). A file
+        that is no readable image, or too elongated for the test resize (:meth:`size_problem`),
+        raises :class:`UnreadableImage` naming it and why."""
         if os.path.isfile(path) and os.path.getsize(path) == 0:
             raise UnreadableImage(path, "empty file")
         try:
-            return utils.read_image(path, format=self.cfg.INPUT.FORMAT)
+            with PIL.Image.open(path) as image:
+                image = PIL.ImageOps.exif_transpose(image)
+                image = utils.convert_PIL_to_numpy(to_8_bit(image), self.cfg.INPUT.FORMAT)
         except PIL.UnidentifiedImageError:
             raise UnreadableImage(path, "not an image PIL can read") from None
         except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt image data
             raise UnreadableImage(path, f"{type(e).__name__}: {e}") from None
+        problem = self.size_problem(*image.shape[:2])
+        if problem:
+            raise UnreadableImage(path, problem)
+        return image
+
+    def size_problem(self, height: int, width: int) -> str | None:
+        """Why an image of this size cannot be predicted, or ``None``. Any image of at least one
+        pixel works unless the test resize (shorter side to ``INPUT.MIN_SIZE_TEST``, longer
+        side at most ``INPUT.MAX_SIZE_TEST``) makes a side 0 px: an aspect ratio beyond about
+        2 * MAX_SIZE_TEST : 1."""
+        if min(height, width) < 1:
+            return f"{height}x{width} px: no pixels"
+        resized = DetrResizeShortestEdge.get_output_shape(
+            height, width, self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST
+        )
+        if min(resized) < 1:
+            return (
+                f"{height}x{width} px is too elongated: the test resize (INPUT.MIN_SIZE_TEST "
+                f"{self.cfg.INPUT.MIN_SIZE_TEST}, INPUT.MAX_SIZE_TEST "
+                f"{self.cfg.INPUT.MAX_SIZE_TEST}) makes it {resized[0]}x{resized[1]} px; crop it"
+            )
+        return None
 
     def to_rgb(self, image: np.ndarray) -> np.ndarray:
         return utils.convert_image_to_rgb(image, self.cfg.INPUT.FORMAT)
@@ -156,6 +200,9 @@ class DetrPredictor:
     def model_input(self, image: np.ndarray) -> dict:
         """The model's input dict of one HWC image: resized as in evaluation, outputs at the
         original size."""
+        problem = self.size_problem(*image.shape[:2])
+        if problem:
+            raise UserInputError(f"image of {problem}")
         aug_input = T.AugInput(image)
         self.augmentation(aug_input)
         tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))

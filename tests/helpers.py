@@ -243,7 +243,7 @@ def coco_dataset_opts(prefix, train_json, train_root, val_json, val_root):
 
 def sample_face_opts(root, prefix, num_train, num_val, seed):
     """Generate sample faces under ``root`` and return the config overrides that use them."""
-    from detr_d2.data.samples.faces import generate_face_dataset
+    from detr_tools.samples.faces import generate_face_dataset
 
     generate_face_dataset(str(root), num_train=num_train, num_val=num_val, seed=seed)
     return coco_dataset_opts(

@@ -94,8 +94,9 @@ def _panoptic_sample_cfg():
 
 
 def test_panoptic_sample_layout_same_with_and_without_datasets(tmp_path):
+    from detr_tools.samples.panoptic import generate_panoptic_dataset
+
     from detr_d2.data import register_datasets_from_cfg
-    from detr_d2.data.samples.panoptic import generate_panoptic_dataset
 
     unregistered = layout_from_cfg(_panoptic_sample_cfg())
     assert unregistered.names == ("face", "ball", "sky", "wall", "ground")

@@ -5,9 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-from detr_d2.dev.benchmark import cpu_name
-from detr_d2.dev.convergence import (
+from detr_tools.benchmark import cpu_name
+from detr_tools.convergence import (
     collect,
     first_reaching,
     markdown_report,
@@ -49,7 +48,7 @@ def test_speeds_come_from_one_interleaved_comparison():
 
 
 def test_speed_of_a_baseline_without_runs_is_measured(monkeypatch):
-    import detr_d2.dev.convergence as convergence
+    import detr_tools.convergence as convergence
 
     commands = []
 
@@ -134,7 +133,7 @@ def test_pretrain_run_and_variants_starting_from_it(tmp_path):
 
 
 def test_from_scratch_runs_skip_the_pretrain_run(tmp_path, monkeypatch):
-    import detr_d2.dev.convergence as convergence
+    import detr_tools.convergence as convergence
 
     spec = dict(
         SPEC, pretrain={"config": "c.yaml"}, variants={"aids": [], "scratch": ["MODEL.WEIGHTS", ""]}

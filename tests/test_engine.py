@@ -80,3 +80,29 @@ def test_trainer_builds_detectron2s_parts_with_ours(monkeypatch, tmp_path, amp, 
     else:
         assert trainer.ema_hook is None and EMAHook not in kinds
         assert trainer.checkpointer.saved_model_state is None
+
+
+def test_auto_precision_is_recorded_and_kept_on_resume(monkeypatch, tmp_path):
+    """ "auto" becomes the measured precision in the config (so config.yaml records it); a resume
+    takes the recorded choice even where a new measurement would pick another one."""
+    from detr_d2 import precision
+
+    monkeypatch.setattr(precision, "_auto_precision", lambda device_type: "bf16")
+    cfg = tiny_cfg()
+    cfg.SOLVER.AMP.PRECISION = cfg.TEST.PRECISION = "auto"
+    engine.resolve_auto_precision(cfg)
+    assert (cfg.SOLVER.AMP.PRECISION, cfg.TEST.PRECISION) == ("bf16", "bf16")
+
+    (tmp_path / "config.yaml").write_text(cfg.dump())
+    assert engine.recorded_config(str(tmp_path)) is None  # nothing to resume from yet
+    (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
+    recorded = engine.recorded_config(str(tmp_path))
+    monkeypatch.setattr(precision, "_auto_precision", lambda device_type: "fp32")
+    resumed = tiny_cfg()
+    resumed.SOLVER.AMP.PRECISION = resumed.TEST.PRECISION = "auto"
+    engine.resolve_auto_precision(resumed, recorded)
+    assert (resumed.SOLVER.AMP.PRECISION, resumed.TEST.PRECISION) == ("bf16", "bf16")
+    fresh = tiny_cfg()
+    fresh.SOLVER.AMP.PRECISION = "auto"
+    engine.resolve_auto_precision(fresh)
+    assert fresh.SOLVER.AMP.PRECISION == "fp32"

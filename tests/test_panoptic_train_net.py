@@ -9,8 +9,7 @@ import sys
 
 import pytest
 import torch
-
-from detr_d2.data.samples.panoptic import generate_panoptic_dataset
+from detr_tools.samples.panoptic import generate_panoptic_dataset
 
 from helpers import CONFIGS, REPO
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 from detectron2.utils.events import EventStorage
+from detr_tools.benchmark import synthetic_batch
 
-from detr_d2.dev.benchmark import synthetic_batch
 from detr_d2.engine import build_step_trainer, resolve_device
 from detr_d2.solver import build_detr_optimizer
 

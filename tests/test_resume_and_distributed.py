@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from detr_tools.samples.faces import generate_face_dataset
 
 from detr_d2.checkpoint import DetrCheckpointer
-from detr_d2.data.samples.faces import generate_face_dataset
 
 from helpers import CONFIGS, REPO, coco_dataset_opts, sample_face_opts
 
@@ -83,6 +83,10 @@ def final_state(out):
 
 # dropout on, so the restored RNG state matters too
 SCHEDULE = [
+    # one precision for every run: "auto" measures bf16 against fp32 in each process, and two
+    # separate runs (not a run and its resume: see test_engine) may choose differently
+    "SOLVER.AMP.PRECISION",
+    "bf16",
     "SOLVER.MAX_ITER",
     8,
     "SOLVER.CHECKPOINT_PERIOD",

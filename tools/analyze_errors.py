@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Where a detector's missing AP50 goes: missed objects, duplicates, badly placed and background
-boxes (detr_d2.dev.errors), for one or more runs' COCO results on the same ground truth.
+boxes (detr_tools.errors), for one or more runs' COCO results on the same ground truth.
 
     python tools/analyze_errors.py datasets/face_heldout/val.json \\
         output/detr_face_sample/inference/face_heldout/coco_instances_results.json [more.json ...]
@@ -9,19 +9,13 @@ Prints one column per results file (a Markdown table). ``--score`` sets the scor
 a detection counts as a prediction for the false-positive and miss counts (default 0.3).
 """
 
-import warnings
-
-# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings(
-    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
-)
-
 import argparse
 import logging
 import sys
 from collections.abc import Sequence
 
-from detr_d2.dev.errors import error_breakdown_from_files
+import detr_tools  # noqa: F401  (first: silences Detectron2's import-time jit warning)
+from detr_tools.errors import error_breakdown_from_files
 
 logger = logging.getLogger("detr_d2.tools.analyze_errors")
 

@@ -35,13 +35,6 @@ on a machine whose speed drifts, that resolves a 10 % change where separate runs
 Arguments after the options are config overrides (``KEY VALUE`` pairs).
 """
 
-import warnings
-
-# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings(
-    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
-)
-
 import argparse
 import json
 import logging
@@ -49,24 +42,22 @@ import os
 import shlex
 import sys
 
+import detr_tools.cli as cli  # first: silences Detectron2's import-time jit warning
 import torch
-from detectron2.config import get_cfg
-from detectron2.utils.logger import setup_logger
-
-from detr_d2 import add_detr_config
-from detr_d2.data import register_datasets_from_cfg
-from detr_d2.dev.benchmark import (
+from detr_tools.benchmark import (
     TASKS,
     compare_interleaved,
     comparison_table,
     markdown_table,
     run_benchmark,
 )
+
+from detr_d2.data import register_datasets_from_cfg
 from detr_d2.engine import resolve_device
 from detr_d2.export import BACKENDS, exported_model
 from detr_d2.predictor import DetrPredictor
 
-logger = logging.getLogger("detr_d2.dev.benchmark")
+logger = logging.getLogger("detr_tools.benchmark")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,10 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def setup(args: argparse.Namespace, extra_opts: list[str] = ()):
-    cfg = get_cfg()
-    add_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list([*args.opts, *extra_opts])
+    cfg = cli.load_config(args.config_file, [*args.opts, *extra_opts])
     if args.weights:
         cfg.MODEL.WEIGHTS = args.weights
     if args.precision:
@@ -181,8 +169,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                 print(f"\n{record.get('device_name', '?')}, {record.get('date', '?')}:\n")
                 print(comparison_table(record))
         return None
-    setup_logger(name="detr_d2")
-    setup_logger(name="detectron2", abbrev_name="d2")
+    cli.setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = setup(args)
@@ -242,4 +229,4 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -16,13 +16,6 @@ variant's seconds per iteration alone (``--speed-iters``, or reads ``--speeds JS
 wall-clock axis.
 """
 
-import warnings
-
-# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings(
-    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
-)
-
 import argparse
 import json
 import logging
@@ -31,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from detr_d2.dev.benchmark import cpu_name
-from detr_d2.dev.convergence import (
+import detr_tools  # noqa: F401  (first: silences Detectron2's import-time jit warning)
+from detr_tools.benchmark import cpu_name
+from detr_tools.convergence import (
     collect,
     final_weights_ap,
     load_spec,

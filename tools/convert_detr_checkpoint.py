@@ -9,16 +9,11 @@ Detectron2-format file for detr_d2, and report what was converted.
 saves the work at every start and lets you inspect the key table.
 """
 
-import warnings
-
-# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings(
-    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
-)
-
 import argparse
 import logging
+import sys
 
+import detr_tools.cli as cli  # first: silences Detectron2's import-time jit warning
 import torch
 from detectron2.config import get_cfg
 from detectron2.data.datasets import builtin  # noqa: F401  (registers the COCO metadata)
@@ -30,6 +25,7 @@ from detr_d2.checkpoint import (
     safe_torch_load,
 )
 from detr_d2.data import coco_class_rows
+from detr_d2.errors import UserInputError
 
 logger = logging.getLogger("convert_detr_checkpoint")
 
@@ -66,7 +62,7 @@ def main() -> None:
     loaded = safe_torch_load(args.input)
     state_dict = loaded.get("model", loaded)
     if not is_official_detr_state_dict(state_dict):
-        raise SystemExit(
+        raise UserInputError(
             f"{args.input} does not look like an official DETR checkpoint (no backbone.0.body.* keys)."
         )
     head = next(v for k, v in state_dict.items() if k.endswith("class_embed.weight"))
@@ -79,12 +75,12 @@ def main() -> None:
         if args.verbose or kind == "remapped":
             for line in report[kind]:
                 logger.info(f"  {line}")
-    torch.save(
-        {"model": converted, "__author__": f"detr_d2 convert_detr_checkpoint from {args.input}"},
-        args.output,
-    )
+    saved = {"model": converted, "__author__": f"detr_d2 convert_detr_checkpoint from {args.input}"}
+    if "args" in loaded:  # the training arguments, checked against the config when loaded
+        saved["args"] = loaded["args"]
+    torch.save(saved, args.output)
     logger.info(f"wrote {args.output}: {len(converted)} tensors, {num_classes} classes")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -26,16 +26,15 @@ import logging
 import os
 import sys
 
+import detr_tools.cli as cli  # first: silences Detectron2's import-time jit warning
 import torch
-from detectron2.config import CfgNode, get_cfg
-from detectron2.utils.logger import setup_logger
+from detectron2.config import CfgNode
 
-from detr_d2 import add_detr_config
 from detr_d2.data import register_datasets_from_cfg
 from detr_d2.engine import DetrTrainer, resolve_device
 from detr_d2.export import EXPORT_FORMATS, ExportedDetr, export_model
 from detr_d2.precision import PRECISIONS
-from detr_d2.predictor import DetrPredictor
+from detr_d2.predictor import DetrPredictor, UnreadableImage
 
 logger = logging.getLogger("detr_d2.export_model")
 
@@ -72,10 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    cfg = get_cfg()
-    add_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = cli.load_config(args.config_file, args.opts)
     resolve_device(cfg)
     cfg.freeze()
     try:
@@ -90,28 +86,27 @@ def setup_cfg(args: argparse.Namespace) -> CfgNode:
     return cfg
 
 
-def sample_image(predictor: DetrPredictor, args: argparse.Namespace) -> torch.Tensor:
-    """The CHW uint8 image to trace with, in INPUT.FORMAT, test-resized as predict.py does."""
-    if args.sample_image is None:
-        generator = torch.Generator().manual_seed(0)
-        return torch.randint(0, 256, (3, *args.sample_size), generator=generator, dtype=torch.uint8)
-    return predictor.model_input(predictor.read_image(args.sample_image))["image"]
+def sample_image(predictor: DetrPredictor, args: argparse.Namespace) -> tuple[torch.Tensor, bool]:
+    """The CHW uint8 image to trace with, in INPUT.FORMAT, test-resized as predict.py does, and
+    whether ``--sample-image`` was skipped as unreadable (then a random image of
+    ``--sample-size`` is used)."""
+    if args.sample_image is not None:
+        try:
+            return predictor.model_input(predictor.read_image(args.sample_image))["image"], False
+        except UnreadableImage as e:
+            logger.warning(f"Skipped {e}; tracing with a random image of --sample-size instead.")
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, *args.sample_size), generator=generator, dtype=torch.uint8)
+    return image, args.sample_image is not None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logger(name="detr_d2")
-    setup_logger(name="detectron2", abbrev_name="d2")
+    cli.setup_logging()
     cfg = setup_cfg(args)
     predictor = DetrPredictor(cfg)  # the model as every tool loads it (weights, class layout)
-    export_model(
-        predictor.model,
-        cfg,
-        args.format,
-        args.output,
-        sample_image(predictor, args),
-        args.precision,
-    )
+    image, skipped = sample_image(predictor, args)
+    export_model(predictor.model, cfg, args.format, args.output, image, args.precision)
     if args.run_eval:
         backend = "onnxruntime" if args.format == "onnx" else "torchscript"
         exported = ExportedDetr(args.output, backend, device=cfg.MODEL.DEVICE)
@@ -120,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(path, "w") as f:
             json.dump(results, f, indent=1, default=float)
         logger.info(f"Evaluation of the {backend} model written to {path}")
+    if skipped:
+        logger.warning("Skipped 1 of 1 files that are no readable images; exit status 1.")
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

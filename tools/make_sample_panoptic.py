@@ -17,18 +17,12 @@ OUT/params.json.
 
 from __future__ import annotations
 
-import warnings
-
-# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings(
-    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
-)
-
 import argparse
 import logging
 import sys
 
-from detr_d2.data.samples.panoptic import generate_panoptic_dataset
+import detr_tools  # noqa: F401  (first: silences Detectron2's import-time jit warning)
+from detr_tools.samples.panoptic import generate_panoptic_dataset
 
 logger = logging.getLogger("make_sample_panoptic")
 

@@ -12,20 +12,14 @@ PQ, SQ, RQ...). Missing keys skip their picture with a log line. A resumed run r
 iterations: the later value wins. Default output folder: ``OUTPUT_DIR/plots``.
 """
 
-import warnings
-
-# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings(
-    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
-)
-
 import argparse
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from detr_d2.dev.metrics_plots import plot_metrics, read_metrics  # noqa: F401  (the tests call both)
+import detr_tools  # noqa: F401  (first: silences Detectron2's import-time jit warning)
+from detr_tools.metrics_plots import plot_metrics, read_metrics  # noqa: F401  (the tests call both)
 
 logger = logging.getLogger("detr_d2.tools.plot_metrics")
 

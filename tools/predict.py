@@ -27,28 +27,21 @@ checkpoint). Runs on CPU when no GPU is present. Arguments after
 the options are config overrides (``KEY VALUE`` pairs).
 """
 
-import warnings
-
-# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings(
-    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
-)
-
 import argparse
 import json
 import logging
 import os
 import sys
 
+import detr_tools.cli as cli  # first: silences Detectron2's import-time jit warning
 import numpy as np
 import pycocotools.mask as mask_util
-from detectron2.config import CfgNode, get_cfg
-from detectron2.utils.logger import setup_logger
+from detectron2.config import CfgNode
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 from tqdm import tqdm
 
-from detr_d2 import add_detr_config
+from detr_d2.errors import UserInputError
 from detr_d2.export import BACKENDS
 from detr_d2.predictor import DetrPredictor, UnreadableImage, list_images
 
@@ -95,10 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    cfg = get_cfg()
-    add_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = cli.load_config(args.config_file, args.opts)
     if args.mode == "panoptic":
         cfg.MODEL.DETR.TEST.PANOPTIC_ON = True
     elif args.mode == "instances":
@@ -129,11 +119,10 @@ def instances_record(instances, threshold: float, names: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logger(name="detr_d2")
-    logger.setLevel(logging.INFO)
+    cli.setup_logging()
     cfg = setup_cfg(args)
     if args.mode == "panoptic" and not cfg.MODEL.MASK_ON:
-        raise ValueError("--mode panoptic needs a model with masks (MODEL.MASK_ON True).")
+        raise UserInputError("--mode panoptic needs a model with masks (MODEL.MASK_ON True).")
     panoptic = args.mode == "panoptic" or (args.mode == "auto" and cfg.MODEL.DETR.TEST.PANOPTIC_ON)
     predictor = DetrPredictor(cfg, backend=args.backend, exported=args.exported)
     metadata, names = predictor.metadata, predictor.class_names
@@ -216,4 +205,4 @@ def write_results(output: str, results: list[dict], skipped: list[dict]) -> None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -11,26 +11,21 @@ Arguments after the options are config overrides (``KEY VALUE`` pairs). ``MODEL.
 takes the class count from the training set's categories.
 """
 
-import warnings
-
-# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings(
-    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
-)
-
 import os
+import sys
 
-from detectron2.config import get_cfg
+import detr_tools.cli as cli  # first: silences Detectron2's import-time jit warning
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 
-from detr_d2 import add_detr_config
 from detr_d2.data import register_datasets_from_cfg
 from detr_d2.engine import (
     DetrTrainer,
     build_checkpointer,
+    recorded_config,
+    resolve_auto_precision,
     resolve_class_layout,
     resolve_device,
     resolve_epoch_schedule,
@@ -39,13 +34,12 @@ from detr_d2.engine import (
 
 def setup(args):
     """Config (DETR keys added before merging files), logging, and config-named datasets."""
-    cfg = get_cfg()
-    add_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = cli.load_config(args.config_file, args.opts)
+    recorded = recorded_config(cfg.OUTPUT_DIR) if args.resume else None  # before it is rewritten
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="detr_d2")
     resolve_device(cfg)
+    resolve_auto_precision(cfg, recorded)  # recorded in config.yaml; a resume keeps the choice
     register_datasets_from_cfg(cfg)
     resolve_class_layout(cfg)  # NUM_CLASSES 0 and the class names, checked against the data
     resolve_epoch_schedule(cfg)  # SOLVER.EPOCHS into iterations of this training set
@@ -81,4 +75,4 @@ def invoke_main() -> None:
 
 
 if __name__ == "__main__":
-    invoke_main()
+    sys.exit(cli.run(invoke_main))

@@ -20,31 +20,23 @@ when the last option is ``--input`` or ``--points`` (which take several values),
 ``--opts``: ``... --points 10,20 --opts INPUT.MIN_SIZE_TEST 600``.
 """
 
-import warnings
-
-# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings(
-    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
-)
-
 import argparse
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import detr_tools.cli as cli  # first: silences Detectron2's import-time jit warning
 import matplotlib
 
 matplotlib.use("Agg")  # headless: files only
 
 import torch
 import tqdm
-from detectron2.config import CfgNode, get_cfg
-from detectron2.utils.logger import setup_logger
+from detectron2.config import CfgNode
 
-from detr_d2 import add_detr_config
 from detr_d2.attention_visualizer import AttentionVisualizer
-from detr_d2.predictor import DetrPredictor, list_images
+from detr_d2.predictor import DetrPredictor, UnreadableImage, list_images
 
 logger = logging.getLogger("detr_d2.tools.visualize_attention")
 
@@ -112,10 +104,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def setup_cfg(args: argparse.Namespace) -> CfgNode:
-    cfg = get_cfg()
-    add_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts + args.more_opts)
+    cfg = cli.load_config(args.config_file, args.opts + args.more_opts)
     if args.weights:
         cfg.MODEL.WEIGHTS = args.weights
     return cfg
@@ -139,8 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.max_detections < 1:
         parser.error(f"--max-detections must be at least 1, got {args.max_detections}")
-    setup_logger(name="fvcore")
-    setup_logger(name="detr_d2")
+    cli.setup_logging()
     cfg = setup_cfg(args)
     try:
         paths = [Path(p) for p in list_images(args.input)]
@@ -165,16 +153,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in tqdm.tqdm(paths, desc="attention maps", unit="image", disable=len(paths) < 2):
         try:
             written += visualizer(path)
-        except OSError as e:  # an unreadable image should not stop a folder's run
-            logger.error(f"{path}: {e}")
+        except UnreadableImage as e:  # one bad file should not stop a folder's run
+            logger.warning(f"Skipped {e}")
             failed.append(path)
     logger.info(
         f"Wrote {len(written)} PNG files for {len(paths) - len(failed)} image(s) to {output_dir}"
     )
     if failed:
-        logger.error(f"{len(failed)} image(s) failed: {', '.join(map(str, failed))}")
+        logger.warning(
+            f"Skipped {len(failed)} of {len(paths)} files that are no readable images; exit "
+            f"status 1."
+        )
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

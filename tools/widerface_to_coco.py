@@ -12,18 +12,13 @@ faces are kept as negatives, and boxes are clipped to the image.
 
 from __future__ import annotations
 
-import warnings
-
-# Detectron2 applies the deprecated torch.jit.script at import time: silence that before it loads.
-warnings.filterwarnings(
-    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
-)
-
 import argparse
 import json
 import logging
 import sys
 from pathlib import Path
+
+import detr_tools  # noqa: F401  (first: silences Detectron2's import-time jit warning)
 
 from detr_d2.data.widerface import widerface_to_coco
 

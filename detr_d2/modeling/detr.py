@@ -22,7 +22,12 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import BitMasks, ImageList, PolygonMasks
 from torch import nn
 
-from ..checkpoint import convert_official_for_model, is_official_detr_state_dict
+from ..checkpoint import (
+    convert_official_for_model,
+    is_official_detr_state_dict,
+    torchvision_resnet_as_official,
+)
+from ..checkpoint_fit import check_checkpoint_fits
 from ..finetune import CheckpointInit, adapt_heads, checkpoint_class_layout
 from ..layout import ClassLayout, generic_layout, layout_from_cfg
 from ..precision import autocast, precision_dtype, to_float32
@@ -447,25 +452,34 @@ class Detr(nn.Module):
         return self.pixel_mean.device
 
     def convert_checkpoint_state_dict(
-        self, state_dict: dict[str, torch.Tensor], class_layout: dict | None = None
+        self,
+        state_dict: dict[str, torch.Tensor],
+        class_layout: dict | None = None,
+        **declared,
     ) -> dict:
         """``state_dict`` in this model's layout: an official DETR one (torchvision backbone
         names, optional ``detr.`` prefix, class head indexed by COCO category id) is converted;
         the class head and queries of a checkpoint of other classes or another query count
         (``class_layout``: the names a detr_d2 checkpoint stores) are fitted to the model as
         ``MODEL.DETR.INIT`` says (:mod:`detr_d2.finetune`). Detectron2's checkpointers call this
-        before their shape check (see :mod:`detr_d2.compat`)."""
+        before their shape check (see :mod:`detr_d2.compat`). The result must fit the model
+        (``declared``: what the file says it holds; :mod:`detr_d2.checkpoint_fit`). A torchvision
+        ImageNet ResNet converts as the backbone of an official file."""
+        state_dict = torchvision_resnet_as_official(state_dict)
         if is_official_detr_state_dict(state_dict):
             logger.warning(
                 "Loading an official DETR state dict: converting it to detr_d2's layout."
             )
-            return convert_official_for_model(
+            state_dict = convert_official_for_model(
                 state_dict, self, self.class_layout, self.checkpoint_init
             )
-        state_dict = dict(state_dict)
-        own = self.state_dict()
-        stored = checkpoint_class_layout(state_dict, class_layout)
-        adapt_heads(state_dict, own, self.class_layout, self.checkpoint_init, stored)
+        else:
+            state_dict = dict(state_dict)
+            stored = checkpoint_class_layout(state_dict, class_layout)
+            adapt_heads(
+                state_dict, self.state_dict(), self.class_layout, self.checkpoint_init, stored
+            )
+        check_checkpoint_fits(self, state_dict, partial=self.checkpoint_init.partial, **declared)
         return state_dict
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog
 from detectron2.utils.events import EventStorage
+from detr_tools.samples.faces import generate_face_dataset
 
 from detr_d2.data import register_datasets_from_cfg
 from detr_d2.data.coco_json import load_coco_detection_json
-from detr_d2.data.samples.faces import generate_face_dataset
 from detr_d2.engine import DetrTrainer
 from detr_d2.layout import layout_from_cfg
 

@@ -9,6 +9,7 @@ import pycocotools.mask as mask_util
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog, transforms as T
 from detectron2.structures import BoxMode
+from detr_tools.samples.panoptic import CATEGORIES, generate_panoptic_dataset
 from PIL import Image
 
 from detr_d2.data import (
@@ -18,7 +19,6 @@ from detr_d2.data import (
     thing_ids_from_cfg,
 )
 from detr_d2.data.panoptic import rgb2id
-from detr_d2.data.samples.panoptic import CATEGORIES, generate_panoptic_dataset
 
 from helpers import tiny_cfg
 

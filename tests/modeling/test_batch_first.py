@@ -4,8 +4,8 @@ official sequence-first one computes, with the same parameters; inference is unt
 import pytest
 import torch
 from detectron2.utils.events import EventStorage
+from detr_tools.benchmark import synthetic_batch
 
-from detr_d2.dev.benchmark import synthetic_batch
 from detr_d2.modeling.transformer import batch_first_attention
 
 from helpers import build_model_no_weights, tiny_cfg

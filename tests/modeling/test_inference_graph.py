@@ -7,8 +7,8 @@ import logging
 
 import pytest
 import torch
+from detr_tools.benchmark import synthetic_batch
 
-from detr_d2.dev.benchmark import synthetic_batch
 from detr_d2.engine import build_checkpointer
 from detr_d2.modeling.inference_graph import fold_batchnorm, inference_model
 

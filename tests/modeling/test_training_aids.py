@@ -7,8 +7,8 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils.events import EventStorage
+from detr_tools.benchmark import synthetic_batch
 
-from detr_d2.dev.benchmark import synthetic_batch
 from detr_d2.ema import WeightEMA
 from detr_d2.engine import build_step_trainer
 from detr_d2.modeling.criterion import SetCriterion, build_weight_dict

@@ -15,7 +15,7 @@ from detectron2.structures import ImageList
 from detectron2.utils import comm
 from torch import nn
 
-from ..data.augmentation import DetrResizeShortestEdge
+from .data.augmentation import DetrResizeShortestEdge
 
 logger = logging.getLogger(__name__)
 

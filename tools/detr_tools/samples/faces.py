@@ -396,7 +396,7 @@ def _generate_split(out_dir: Path, split: str, num_images: int, seed: int) -> di
     coco = {
         "info": {
             "description": "Synthetic cartoon faces (not real people) for the detr_d2 CPU demo",
-            "generator": "tools/make_sample_faces.py (detr_d2.data.samples.faces)",
+            "generator": "tools/make_sample_faces.py (detr_tools.samples.faces)",
             "generator_version": GENERATOR_VERSION,
             "seed": seed,
             "split": split,

@@ -387,10 +387,10 @@ def final_weights_ap(run: Path) -> dict[str, dict[str, dict[str, float]]]:
     is what the same run gives without it."""
     from detectron2.config import get_cfg
 
-    from .. import add_detr_config
-    from ..checkpoint import safe_torch_load
-    from ..data import register_datasets_from_cfg
-    from ..engine import DetrTrainer, resolve_class_layout
+    from detr_d2 import add_detr_config
+    from detr_d2.checkpoint import safe_torch_load
+    from detr_d2.data import register_datasets_from_cfg
+    from detr_d2.engine import DetrTrainer, resolve_class_layout
 
     cfg = get_cfg()
     add_detr_config(cfg)

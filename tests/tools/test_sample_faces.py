@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from detr_tools.samples.faces import EMPTY_EVERY, generate_face_dataset
 from PIL import Image
 from pycocotools.coco import COCO
-
-from detr_d2.data.samples.faces import EMPTY_EVERY, generate_face_dataset
 
 from helpers import files_under, load_tool
 

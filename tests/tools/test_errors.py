@@ -1,11 +1,10 @@
-"""The error breakdown (detr_d2.dev.errors, tools/analyze_errors.py) on hand-made cases."""
+"""The error breakdown (detr_tools.errors, tools/analyze_errors.py) on hand-made cases."""
 
 import json
 import logging
 
 import pytest
-
-from detr_d2.dev.errors import error_breakdown
+from detr_tools.errors import error_breakdown
 
 from helpers import load_tool
 

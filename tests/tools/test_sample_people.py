@@ -11,18 +11,18 @@ import pytest
 from detectron2.data import MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-from PIL import Image
-from pycocotools.coco import COCO
-
-from detr_d2.data.coco_json import load_coco_detection_json
-from detr_d2.data.samples.faces import SKIN_TONES
-from detr_d2.data.samples.people import (
+from detr_tools.samples.faces import SKIN_TONES
+from detr_tools.samples.people import (
     CATEGORIES,
     EMPTY_EVERY,
     PERSON,
     generate_people_dataset,
     render_image,
 )
+from PIL import Image
+from pycocotools.coco import COCO
+
+from detr_d2.data.coco_json import load_coco_detection_json
 
 from helpers import files_under, load_tool
 

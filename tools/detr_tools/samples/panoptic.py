@@ -317,7 +317,7 @@ def _generate_split(out_dir: Path, split: str, num_images: int, seed: int) -> di
     info = {
         "description": "Synthetic scenes (sky, wall, ground; cartoon faces, balls) "
         "for the detr_d2 panoptic demo",
-        "generator": "tools/make_sample_panoptic.py (detr_d2.data.samples.panoptic)",
+        "generator": "tools/make_sample_panoptic.py (detr_tools.samples.panoptic)",
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "split": split,

@@ -1,4 +1,4 @@
-"""detr_d2.dev.model_report: parameters per part, trainable vs frozen, FLOPs, and a report that
+"""detr_d2.model_report: parameters per part, trainable vs frozen, FLOPs, and a report that
 survives a failing FLOP count."""
 
 import logging
@@ -6,8 +6,8 @@ import logging
 import pytest
 import torch
 
-from detr_d2.dev import model_report as report_module
-from detr_d2.dev.model_report import (
+from detr_d2 import model_report as report_module
+from detr_d2.model_report import (
     count_flops,
     flops_image_size,
     log_model_report,
@@ -112,7 +112,7 @@ def test_report_survives_failing_flops(frozen_at_2, monkeypatch, caplog):
     text = model_report(model, cfg)
     assert "FLOPs: unavailable (RuntimeError: tracer exploded)" in text
     assert f"{parameter_counts(model)['total']['total']:,}" in text
-    with caplog.at_level(logging.INFO, logger="detr_d2.dev.model_report"):
+    with caplog.at_level(logging.INFO, logger="detr_d2.model_report"):
         log_model_report(model, cfg)
     assert "Model report: Detr" in caplog.text
 

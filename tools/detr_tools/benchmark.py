@@ -29,10 +29,10 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 from tqdm import tqdm
 
-from ..data import DetrDatasetMapper, drop_degenerate_boxes
-from ..engine import DetrTrainer, build_step_trainer, resolve_num_workers
-from ..modeling.inference_graph import inference_model
-from ..solver import build_detr_optimizer
+from detr_d2.data import DetrDatasetMapper, drop_degenerate_boxes
+from detr_d2.engine import DetrTrainer, build_step_trainer, resolve_num_workers
+from detr_d2.modeling.inference_graph import inference_model
+from detr_d2.solver import build_detr_optimizer
 
 logger = logging.getLogger(__name__)
 

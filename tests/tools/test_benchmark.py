@@ -1,4 +1,4 @@
-"""tools/benchmark.py (detr_d2.dev.benchmark) writes a complete record for every task."""
+"""tools/benchmark.py (detr_tools.benchmark) writes a complete record for every task."""
 
 import json
 
@@ -72,7 +72,8 @@ def test_benchmark_tool_writes_a_complete_record(task, bench_data, tmp_path, cap
 def test_train_batches_are_the_trainers_batches(bench_data):
     """--input dataset trains on the first batches of the trainer's own loader: with aspect
     ratio grouping each batch holds one orientation, as in a real run."""
-    from detr_d2.dev.benchmark import dataset_batches
+    from detr_tools.benchmark import dataset_batches
+
     from detr_d2.engine import DetrTrainer
 
     benchmark = load_tool("benchmark")

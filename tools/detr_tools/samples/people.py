@@ -692,7 +692,7 @@ def _generate_split(out_dir: Path, split: str, num_images: int, seed: int) -> di
         "info": {
             "description": "Synthetic cartoon people and objects (not real people) with COCO "
             "category ids, for pretraining detr_d2 before the face sample",
-            "generator": "tools/make_sample_people.py (detr_d2.data.samples.people)",
+            "generator": "tools/make_sample_people.py (detr_tools.samples.people)",
             "generator_version": GENERATOR_VERSION,
             "seed": seed,
             "split": split,
