@@ -89,10 +89,12 @@ def cpu_bf16_speedup(rounds: int = 9) -> float:
     Native bf16 is not always the faster: the sample step is 1.5x faster in bf16 on an AMD EPYC
     with AVX512-BF16, but on an Intel Xeon with AVX512-BF16 and no AMX oneDNN's bf16 kernels ran
     1.4-1.9x slower than fp32 at every size tried, and this ratio is 0.6-0.7 there
-    (docs/benchmarks.md)."""
+    (docs/benchmarks.md). Leaves the global random state as it was: a seeded run draws the same
+    weights whether or not it measured."""
     generator = torch.Generator().manual_seed(0)
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False)
-    linear = torch.nn.Linear(256, 256)
+    with torch.random.fork_rng(devices=[]):  # the modules' init leaves the global RNG as it was
+        conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False)
+        linear = torch.nn.Linear(256, 256)
     image = torch.randn(8, 64, 40, 40, generator=generator)
     tokens = torch.randn(2048, 256, generator=generator)
 

@@ -176,3 +176,14 @@ def test_train_net_bf16_fast_paths_train_resume_and_evaluate(tmp_path):
         "--config-file", INSTANT, "--resume", *data, *fast, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", 6
     )
     assert "Starting training from iteration 4" in log
+
+
+def test_bf16_speed_check_leaves_the_global_random_state():
+    """A seeded run draws the same initial weights whether or not "auto" measured first."""
+    from detr_d2.precision import cpu_bf16_speedup
+
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    cpu_bf16_speedup(rounds=1)
+    torch.testing.assert_close(torch.rand(4), expected)
