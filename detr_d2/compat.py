@@ -47,7 +47,7 @@ Helpers for private upstream details that other modules use:
    the class as the ``cocoeval_fn`` argument of Detectron2's module function
    ``_evaluate_predictions_on_coco`` (Detectron2 >= 2022) and reads the evaluator's
    ``_coco_api``, ``_metadata``, ``_output_dir``, ``_do_evaluation``, ``_tasks``,
-   ``_max_dets_per_image`` and ``_derive_coco_results``. With pycocotools, Detectron2's method
+   ``_max_dets_per_image``, ``_tasks_from_predictions`` and ``_derive_coco_results``. With pycocotools, Detectron2's method
    runs itself. :func:`detectron2_takes_cocoeval_fn` checks the argument.
 
 What the trainer and checkpointer of ``engine.py`` and ``checkpoint.py`` need from upstream:
@@ -193,9 +193,9 @@ def detectron2_takes_cocoeval_fn() -> bool:
 
 # ---------------------------------------------------------------- trainer (items 7-9)
 class NonFiniteLossCheck:
-    """Item 9: mixin for Detectron2's Simple/AMP trainers: stop on a non-finite loss before the
-    optimizer step, naming the loss terms and the iteration, on every rank (Detectron2 reports
-    the total only, on the main process)."""
+    """Item 9: mixin for Detectron2's ``SimpleTrainer`` and its subclasses: stop on a non-finite
+    loss before the optimizer step, naming the loss terms and the iteration, on every rank
+    (Detectron2 reports the total only, on the main process)."""
 
     def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
         bad = sorted(k for k, v in loss_dict.items() if not torch.isfinite(v).all())

@@ -225,7 +225,7 @@ class DetrTrainer(DefaultTrainer):
             cocoeval_class(cfg)  # a misspelt TEST.COCO_EVAL_BACKEND fails now, not after training
         TrainerBase.__init__(self)  # not DefaultTrainer's: it builds Detectron2's parts
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
-        # Assume these objects must be constructed in this order (as DefaultTrainer does).
+        # DefaultTrainer's order: the optimizer takes the bare model's parameters, DDP wraps later
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)

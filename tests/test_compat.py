@@ -144,6 +144,7 @@ def test_coco_evaluator_parts_our_eval_predictions_uses():
         "class_names",
     ]
     assert BackendCOCOEvaluator._eval_predictions is not COCOEvaluator._eval_predictions
+    assert _parameters(COCOEvaluator._tasks_from_predictions) == ["self", "predictions"]
     assert_upstream_unchanged(COCOEvaluator._eval_predictions, "af889c28df2ab0c9", 6)
     init = inspect.getsource(COCOEvaluator.__init__)
     for name in ("_coco_api", "_metadata", "_output_dir", "_do_evaluation", "_tasks"):
