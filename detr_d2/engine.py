@@ -1,8 +1,9 @@
 """Detectron2 ``DefaultTrainer`` for DETR: its optimizer, mapper, evaluator and checkpointer."""
 
-import functools
 import logging
 import os
+import time
+import weakref
 
 import torch
 from detectron2.config import CfgNode
@@ -12,13 +13,13 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter
 
 from .checkpoint import DetrCheckpointer
-from .compat import NonFiniteLossCheck, amp_run_step, init_default_trainer, start_data_loader
+from .compat import NonFiniteLossCheck, start_data_loader
 from .data import DetrDatasetMapper, drop_degenerate_boxes
 from .data.categories import check_labels_fit
 from .data.resumable import (
@@ -154,20 +155,45 @@ class _DetrSimpleTrainer(NonFiniteLossCheck, SimpleTrainer):
     pass
 
 
-class _DetrAMPTrainer(NonFiniteLossCheck, AMPTrainer):
-    """Detectron2's ``AMPTrainer`` for any device: autocast on the model's device type (its
-    ``run_step`` asserts CUDA, see :func:`~detr_d2.compat.amp_run_step`), with a gradient scaler
-    only for fp16 (bf16 has fp32's range). The scaler's state is checkpointed by
-    ``AMPTrainer.state_dict``."""
+class _DetrAMPTrainer(NonFiniteLossCheck, SimpleTrainer):
+    """Mixed-precision training on any device, written for ``torch.autocast`` (Detectron2's
+    ``AMPTrainer.run_step`` asserts CUDA and uses ``torch.cuda.amp``, so it is not used): the
+    forward under autocast in ``precision``, the loss terms summed in fp32, backward and the
+    optimizer step through a ``torch.amp.GradScaler`` that scales only for fp16 (bf16 has fp32's
+    range). The scaler's state is checkpointed under ``"grad_scaler"``, the key ``AMPTrainer``
+    uses, so runs saved by either resume with the other."""
 
     def __init__(self, model, data_loader, optimizer, precision: torch.dtype):
-        device_type = next(model.parameters()).device.type
-        scaler = torch.amp.GradScaler(device_type, enabled=precision == torch.float16)
-        super().__init__(model, data_loader, optimizer, grad_scaler=scaler, precision=precision)
-        self.device_type = device_type
+        super().__init__(model, data_loader, optimizer)
+        self.device_type = next(model.parameters()).device.type
+        self.precision = precision
+        self.grad_scaler = torch.amp.GradScaler(
+            self.device_type, enabled=precision == torch.float16
+        )
 
     def run_step(self):
-        amp_run_step(self, self.device_type)
+        # PyTorch's recipe (docs "Automatic Mixed Precision", typical training step): autocast
+        # the forward only; the scaler unscales before the optimizer's full-model clipping
+        assert self.model.training, "[_DetrAMPTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast(self.device_type, dtype=self.precision):
+            loss_dict = self.model(data)  # the criterion inside runs in fp32
+        losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        self.grad_scaler.scale(losses).backward()
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)  # stops on non-finite terms before the step
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+
+    def state_dict(self):
+        return {**super().state_dict(), "grad_scaler": self.grad_scaler.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
 
 
 def build_step_trainer(cfg: CfgNode, model, data_loader, optimizer) -> SimpleTrainer:
@@ -188,16 +214,35 @@ class DetrTrainer(DefaultTrainer):
     (the checkpoint holds the data seed and the RNG states; the sample stream skips ahead)."""
 
     def __init__(self, cfg: CfgNode):
+        """Built from Detectron2's public parts in ``DefaultTrainer.__init__``'s order (the
+        ``build_*`` class methods, ``create_ddp_model``, the hooks), with our step trainer
+        (:func:`build_step_trainer`), DDP that also takes CPU models (no ``device_ids``, which
+        DDP refuses for them; gloo), and :class:`~detr_d2.checkpoint.DetrCheckpointer`. It sets
+        the attributes ``DefaultTrainer``'s other methods use (tests/test_compat.py checks them
+        against upstream's ``__init__``); logging is set up by the entry points
+        (``default_setup``)."""
         if cfg.DATASETS.TEST:
             cocoeval_class(cfg)  # a misspelt TEST.COCO_EVAL_BACKEND fails now, not after training
-        # DefaultTrainer.__init__ with our step trainer and checkpointer, and DDP that takes CPU
-        # models (see detr_d2/compat.py); it calls build_hooks, which adds the EMA hook
-        init_default_trainer(
-            self,
-            cfg,
-            step_trainer=functools.partial(build_step_trainer, cfg),
-            checkpointer=DetrCheckpointer,
+        TrainerBase.__init__(self)  # not DefaultTrainer's: it builds Detectron2's parts
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        # DefaultTrainer's order: the optimizer takes the bare model's parameters, DDP wraps later
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        model = create_ddp_model(
+            model,
+            broadcast_buffers=False,
+            device_ids=None if on_cpu else [comm.get_local_rank()],
         )
+        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        # a proxy, as DefaultTrainer's: the checkpointer saves this trainer's state
+        self.checkpointer = DetrCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())  # adds the EMA hook (see build_hooks)
         self.data_sampler = getattr(self.data_loader, "resumable_sampler", None)
         log_model_report(self.model, self.cfg)
 

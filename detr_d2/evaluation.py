@@ -2,7 +2,9 @@
 they compute box and mask AP with (``TEST.COCO_EVAL_BACKEND``)."""
 
 import importlib.metadata
+import json
 import logging
+import os
 from collections.abc import Callable
 
 from detectron2.config import CfgNode
@@ -13,9 +15,10 @@ from detectron2.evaluation import (
     DatasetEvaluator,
     coco_evaluation,
 )
+from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import log_first_n
 
-from .compat import detectron2_takes_cocoeval_class, eval_predictions_with
+from .compat import detectron2_takes_cocoeval_fn
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +37,11 @@ def cocoeval_class(cfg: CfgNode) -> type:
             f"choose one of {', '.join(map(repr, COCO_EVAL_BACKENDS))}."
         )
     cocoeval, reason = None, ""
-    if backend != "pycocotools" and not detectron2_takes_cocoeval_class():
+    if backend != "pycocotools" and not detectron2_takes_cocoeval_fn():
         # e.g. Detectron2 v0.6 picks its COCOeval class inside _evaluate_predictions_on_coco
         message = (
-            "this Detectron2's COCOEvaluator._eval_predictions does not pick its COCOeval class "
-            "from the module names COCOeval/COCOeval_opt"
+            "this Detectron2's coco_evaluation._evaluate_predictions_on_coco takes no "
+            "cocoeval_fn argument"
         )
         if backend == "faster_coco_eval":
             raise RuntimeError(
@@ -90,13 +93,53 @@ class BackendCOCOEvaluator(COCOEvaluator):
         # use_fast_impl=False: Detectron2's own fast COCOeval needs its compiled _C module
         super().__init__(dataset_name, use_fast_impl=False, **kwargs)
         self._cocoeval = cocoeval
-        # Detectron2 logs "official" or "unofficial" COCO API from this flag
-        self._use_fast_impl = cocoeval is not coco_evaluation.COCOeval
 
     def _eval_predictions(self, predictions, img_ids=None):
-        if self._cocoeval is coco_evaluation.COCOeval:  # pycocotools: Detectron2's code as it is
+        """Fill ``self._results`` with each task's AP, computed with ``self._cocoeval``: the
+        steps of Detectron2's method (results in dataset category ids, saved as
+        ``coco_instances_results.json``, then each task through Detectron2's
+        ``_evaluate_predictions_on_coco`` and ``_derive_coco_results``), for the tasks DETR has
+        (no keypoints), with the COCOeval class passed as its ``cocoeval_fn`` argument
+        (detr_d2/compat.py item 6). With pycocotools, Detectron2's method runs as it is."""
+        if self._cocoeval is coco_evaluation.COCOeval:
             return super()._eval_predictions(predictions, img_ids=img_ids)
-        return eval_predictions_with(self._cocoeval)(self, predictions, img_ids=img_ids)
+        coco_results = [result for p in predictions for result in p["instances"]]
+        tasks = self._tasks or self._tasks_from_predictions(coco_results)
+        to_dataset_id = {
+            contiguous: dataset_id
+            for dataset_id, contiguous in self._metadata.get(
+                "thing_dataset_id_to_contiguous_id", {}
+            ).items()
+        }
+        if to_dataset_id:
+            for result in coco_results:
+                result["category_id"] = to_dataset_id[result["category_id"]]
+        if self._output_dir:
+            path = os.path.join(self._output_dir, "coco_instances_results.json")
+            self._logger.info(f"Saving results to {path}")
+            with PathManager.open(path, "w") as f:
+                f.write(json.dumps(coco_results))
+        if not self._do_evaluation:
+            self._logger.info("Annotations are not available for evaluation.")
+            return
+        self._logger.info(f"Evaluating predictions with {self._cocoeval.__module__} ...")
+        for task in sorted(tasks):
+            assert task in ("bbox", "segm"), f"DETR predicts no {task!r}"
+            coco_eval = (
+                coco_evaluation._evaluate_predictions_on_coco(
+                    self._coco_api,
+                    coco_results,
+                    task,
+                    cocoeval_fn=self._cocoeval,
+                    img_ids=img_ids,
+                    max_dets_per_image=self._max_dets_per_image,
+                )
+                if coco_results  # Detectron2 leaves an empty result list unevaluated too
+                else None
+            )
+            self._results[task] = self._derive_coco_results(
+                coco_eval, task, class_names=self._metadata.get("thing_classes")
+            )
 
 
 class _ThingCOCOEvaluator(BackendCOCOEvaluator):

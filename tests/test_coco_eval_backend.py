@@ -194,7 +194,7 @@ def test_faster_coco_eval_matches_pycocotools(dataset, iou_type):
         ("pycocotools", COCOeval),
         ("faster", faster_coco_eval.COCOeval_faster),
     ]:
-        # the call COCOEvaluator._eval_predictions makes, with each backend's class
+        # the call BackendCOCOEvaluator._eval_predictions makes, with each backend's class
         with contextlib.redirect_stdout(io.StringIO()):
             coco_eval[backend] = coco_evaluation._evaluate_predictions_on_coco(
                 _coco(gt), copy.deepcopy(predictions), iou_type, cocoeval_fn=cocoeval
@@ -273,12 +273,13 @@ def test_backend_choice(monkeypatch):
         cocoeval_class(cfg)
 
 
-def test_detectron2_without_the_class_hook_falls_back(monkeypatch):
-    """Detectron2 v0.6 picks its COCOeval class elsewhere: "auto" then evaluates with
+def test_detectron2_without_the_cocoeval_argument_falls_back(monkeypatch):
+    """Detectron2 v0.6's ``_evaluate_predictions_on_coco`` takes no ``cocoeval_fn`` (it picks
+    pycocotools or its own fast class from ``use_fast_impl``): "auto" then evaluates with
     pycocotools instead of failing at the end of a training run; an explicit request fails early."""
     from detr_d2 import evaluation
 
-    monkeypatch.setattr(evaluation, "detectron2_takes_cocoeval_class", lambda: False)
+    monkeypatch.setattr(evaluation, "detectron2_takes_cocoeval_fn", lambda: False)
     assert cocoeval_class(make_cfg()) is coco_evaluation.COCOeval
     with pytest.raises(
         RuntimeError, match="TEST.COCO_EVAL_BACKEND='faster_coco_eval' cannot be applied"

@@ -2,21 +2,24 @@
 Detectron2, fvcore or PyTorch change the private behaviour a shim depends on, naming the shim."""
 
 import argparse
+import ast
 import hashlib
 import inspect
 import os
+import textwrap
 
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
-from detectron2.evaluation import COCOEvaluator
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
+from detectron2.evaluation import COCOEvaluator, coco_evaluation
 from detectron2.utils.events import EventStorage
 from fvcore.common.checkpoint import Checkpointer
 
 from detr_d2 import compat
 from detr_d2.checkpoint import DetrCheckpointer
-from detr_d2.engine import _DetrAMPTrainer, _DetrSimpleTrainer
+from detr_d2.engine import DetrTrainer, _DetrAMPTrainer, _DetrSimpleTrainer
+from detr_d2.evaluation import BackendCOCOEvaluator
 
 
 def _parameters(function):
@@ -28,8 +31,9 @@ def _source_hash(function):
 
 
 def assert_upstream_unchanged(function, expected_hash, item):
-    """For the shims that copy or re-run an upstream function: any change to its source (a new
-    Detectron2 or fvcore) needs a look at compat item ``item`` before the hash is updated."""
+    """For the overrides that do an upstream function's work their own way: any change to its
+    source (a new Detectron2 or fvcore) needs a look at compat item ``item`` before the hash is
+    updated."""
     actual = _source_hash(function)
     assert actual == expected_hash, (
         f"{function.__module__}.{function.__qualname__} changed upstream (source hash {actual}, "
@@ -69,7 +73,7 @@ def test_checkpointer_lets_the_model_convert_first():
         {"model": {"weight": torch.zeros(5, 2), "bias": torch.zeros(3)}}
     )
     assert seen == ["bias"]  # the 5-row weight was dropped before the model could remap it
-    compat.apply_upstream_workarounds()  # idempotent: not wrapped twice
+    compat.let_detectron2_load_official_files()  # idempotent: not wrapped twice
     assert not getattr(DetectionCheckpointer._load_model.__wrapped__, compat._MARK, False)
 
 
@@ -117,55 +121,79 @@ def test_native_bf16_probe_exists():
     assert isinstance(compat.cpu_has_native_bf16(), bool)
 
 
-# ---------------------------------------------------------------- 6: COCOeval class hook
-def test_coco_evaluator_takes_its_cocoeval_class_from_module_globals():
-    assert compat.detectron2_takes_cocoeval_class()
+# ---------------------------------------------------------------- 6: COCOeval class argument
+def test_coco_evaluator_parts_our_eval_predictions_uses():
+    """``BackendCOCOEvaluator._eval_predictions`` does the steps of Detectron2's method with the
+    COCOeval class passed as ``cocoeval_fn``: the function and attributes it uses exist, and the
+    method it overrides is unchanged (else its new steps need a look)."""
+    assert compat.detectron2_takes_cocoeval_fn()
+    assert _parameters(coco_evaluation._evaluate_predictions_on_coco) == [
+        "coco_gt",
+        "coco_results",
+        "iou_type",
+        "kpt_oks_sigmas",
+        "cocoeval_fn",
+        "img_ids",
+        "max_dets_per_image",
+    ]
     assert _parameters(COCOEvaluator._eval_predictions) == ["self", "predictions", "img_ids"]
-
-    class Marker:
-        pass
-
-    clone = compat.eval_predictions_with(Marker)
-    assert clone.__globals__["COCOeval"] is Marker and clone.__globals__["COCOeval_opt"] is Marker
-    assert COCOEvaluator._eval_predictions.__globals__["COCOeval"] is not Marker  # untouched
-
-
-# ---------------------------------------------------------------- 7: DefaultTrainer.__init__
-def test_default_trainer_init_builds_what_we_replace_from_module_names():
-    """``init_default_trainer`` runs Detectron2's ``__init__`` with these module names replaced:
-    each must still be a name it uses (else ``_with_globals`` refuses), and the code itself
-    unchanged, so that nothing new in it builds a CUDA-only or non-DETR part."""
-    init = DefaultTrainer.__init__
-    assert set(compat.DEFAULT_TRAINER_INIT_NAMES) <= set(init.__code__.co_names)
-    assert _parameters(init) == ["self", "cfg"]
-    assert_upstream_unchanged(init, "d7a2d86462019047", 7)
+    assert _parameters(COCOEvaluator._derive_coco_results) == [
+        "self",
+        "coco_eval",
+        "iou_type",
+        "class_names",
+    ]
+    assert BackendCOCOEvaluator._eval_predictions is not COCOEvaluator._eval_predictions
+    assert _parameters(COCOEvaluator._tasks_from_predictions) == ["self", "predictions"]
+    assert_upstream_unchanged(COCOEvaluator._eval_predictions, "af889c28df2ab0c9", 6)
+    init = inspect.getsource(COCOEvaluator.__init__)
+    for name in ("_coco_api", "_metadata", "_output_dir", "_do_evaluation", "_tasks"):
+        assert f"self.{name} =" in init, f"COCOEvaluator no longer sets {name} (compat item 6)"
+    assert "self._max_dets_per_image =" in init, "compat item 6"
 
 
-def test_with_globals_refuses_names_the_function_does_not_use():
-    def uses_len(x):
-        return len(x)
+# ---------------------------------------------------------------- 7: DefaultTrainer's attributes
+def _attributes_set_in(function) -> set[str]:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    return {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.ctx, ast.Store)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+    }
 
-    assert compat._with_globals(uses_len, {"len": lambda x: 42})([1]) == 42
-    assert uses_len([1]) == 1  # the original keeps its globals
-    with pytest.raises(RuntimeError, match=r"no longer uses \['create_ddp_model'\]"):
-        compat._with_globals(uses_len, {"create_ddp_model": None})
 
-
-def test_ddp_model_without_device_ids_on_cpu(monkeypatch):
-    seen = {}
-    monkeypatch.setattr(compat, "create_ddp_model", lambda model, **kwargs: seen.update(kwargs))
-    compat.create_ddp_model_any_device(torch.nn.Linear(1, 1), broadcast_buffers=False)
-    assert seen == {"broadcast_buffers": False, "device_ids": None}
+def test_detr_trainer_sets_what_default_trainer_init_sets():
+    """``DetrTrainer.__init__`` replaces ``DefaultTrainer.__init__`` (which it does not call):
+    it must set every attribute upstream's sets, since ``DefaultTrainer``'s other methods
+    (``run_step``, ``state_dict``, ``resume_or_load``, ``build_hooks``) read them."""
+    upstream = _attributes_set_in(DefaultTrainer.__init__)
+    assert upstream == {"_trainer", "scheduler", "checkpointer", "start_iter", "max_iter", "cfg"}, (
+        f"DefaultTrainer.__init__ now sets {sorted(upstream)}: check compat item 7"
+    )
+    assert upstream <= _attributes_set_in(DetrTrainer.__init__)
+    assert _parameters(DefaultTrainer.__init__) == ["self", "cfg"]
+    source = inspect.getsource(DetrTrainer.__init__)
+    assert "super().__init__(" not in source and "DefaultTrainer.__init__(self" not in source
+    # the public parts it builds with, in upstream's order
+    for name in ("build_model", "build_optimizer", "build_train_loader", "build_lr_scheduler"):
+        assert _parameters(getattr(DefaultTrainer, name))[0] == "cfg", name
+    # create_ddp_model passes our device_ids (None for a CPU model) on instead of the local rank
+    assert '"device_ids" not in kwargs' in inspect.getsource(create_ddp_model), "compat item 7"
 
 
 # ---------------------------------------------------------------- 8: AMPTrainer.run_step
-def test_amp_trainer_still_needs_our_run_step():
-    """Detectron2's ``AMPTrainer.run_step`` asserts CUDA (so CPU bf16 needs our copy), and its
-    constructor takes ``precision`` and ``grad_scaler``."""
-    assert "torch.cuda.is_available()" in inspect.getsource(AMPTrainer.run_step)
-    assert {"grad_scaler", "precision"} <= set(_parameters(AMPTrainer.__init__))
-    assert _DetrAMPTrainer.run_step is not AMPTrainer.run_step
-    assert_upstream_unchanged(AMPTrainer.run_step, "91c3c4daeb6174ab", 8)
+def test_amp_trainer_still_asserts_cuda():
+    """Detectron2's ``AMPTrainer.run_step`` asserts CUDA (so CPU bf16 needs our own step
+    trainer), and keeps its scaler's state under "grad_scaler" (as ours does)."""
+    assert "torch.cuda.is_available()" in inspect.getsource(AMPTrainer.run_step), (
+        "AMPTrainer.run_step no longer asserts CUDA: compat item 8 may use it"
+    )
+    assert 'ret["grad_scaler"]' in inspect.getsource(AMPTrainer.state_dict), "compat item 8"
+    assert issubclass(_DetrAMPTrainer, SimpleTrainer)
+    assert not issubclass(_DetrAMPTrainer, AMPTrainer)
 
 
 # ---------------------------------------------------------------- 9: _write_metrics
@@ -175,8 +203,7 @@ def test_write_metrics_is_called_before_the_optimizer_step():
     assert _parameters(compat.NonFiniteLossCheck._write_metrics) == upstream
     for run_step, step in (
         (SimpleTrainer.run_step, "self.optimizer.step()"),
-        (AMPTrainer.run_step, "self.grad_scaler.step(self.optimizer)"),
-        (compat.amp_run_step, "trainer.grad_scaler.step(trainer.optimizer)"),
+        (_DetrAMPTrainer.run_step, "self.grad_scaler.step(self.optimizer)"),
     ):
         source = inspect.getsource(run_step)
         assert 0 < source.index("_write_metrics(loss_dict, data_time)") < source.index(step)

@@ -43,8 +43,9 @@ class _Loader(list):
 
 @pytest.mark.parametrize("amp, ema", [(False, False), (True, True)])
 def test_trainer_builds_detectron2s_parts_with_ours(monkeypatch, tmp_path, amp, ema):
-    """``DetrTrainer`` is Detectron2's ``DefaultTrainer.__init__`` (see detr_d2/compat.py item 7)
-    with our step trainer, checkpointer and hooks, and does not set up Detectron2's logger."""
+    """``DetrTrainer`` builds what Detectron2's ``DefaultTrainer.__init__`` does, from public parts
+    (see detr_d2/compat.py item 7), with our step trainer, checkpointer and hooks, and does not
+    set up Detectron2's logger."""
     import logging
 
     from detectron2.engine import hooks
