@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job, offline: set up the environment (d2/install.sh, idempotent), generate the sample
+# The sample run, offline: set up the environment (d2/install.sh, idempotent), generate the sample
 # face dataset, train DETR on it from scratch on the CPU and evaluate COCO AP on its val split.
 #   bash tools/run_sample.sh [config overrides, e.g. SOLVER.MAX_ITER 500]
 set -euo pipefail
