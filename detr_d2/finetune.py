@@ -16,13 +16,20 @@ from dataclasses import dataclass
 import torch
 from detectron2.config import CfgNode
 
+from .checkpoint import convert_official_for_model, is_official_detr_state_dict
 from .layout import (
     ClassLayout,
     official_class_rows,
     official_coco_layout,
 )
 
-__all__ = ["CheckpointInit", "adapt_heads", "checkpoint_class_layout", "query_subset"]
+__all__ = [
+    "CheckpointInit",
+    "adapt_heads",
+    "checkpoint_class_layout",
+    "fit_state_dict",
+    "query_subset",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +91,25 @@ def adapt_heads(
     says. What cannot be fitted is dropped, so the model keeps its fresh values (logged)."""
     _adapt_class_head(state_dict, own, layout, init, checkpoint_layout)
     _adapt_queries(state_dict, own, init.queries)
+
+
+def fit_state_dict(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], class_layout: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` in the layout of ``model`` (a ``Detr``): an official DETR one (torchvision
+    backbone names, optional ``detr.`` prefix, class head indexed by COCO category id) is
+    converted; the class head and queries of a checkpoint of other classes or another query
+    count (``class_layout``: the names a detr_d2 checkpoint stores) are fitted to the model as
+    its ``checkpoint_init`` (``MODEL.DETR.INIT``) says."""
+    if is_official_detr_state_dict(state_dict):
+        logger.warning("Loading an official DETR state dict: converting it to detr_d2's layout.")
+        return convert_official_for_model(
+            state_dict, model, model.class_layout, model.checkpoint_init
+        )
+    state_dict = dict(state_dict)
+    stored = checkpoint_class_layout(state_dict, class_layout)
+    adapt_heads(state_dict, model.state_dict(), model.class_layout, model.checkpoint_init, stored)
+    return state_dict
 
 
 def _same_classes(layout: ClassLayout, rows: int, checkpoint_layout: ClassLayout | None) -> bool:

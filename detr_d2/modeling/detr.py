@@ -24,24 +24,25 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
-from detectron2.structures import BitMasks, ImageList, PolygonMasks
+from detectron2.structures import ImageList
 from torch import nn
 
-from ..checkpoint import convert_official_for_model, is_official_detr_state_dict
-from ..finetune import CheckpointInit, adapt_heads, checkpoint_class_layout
+from ..checkpoint import is_official_detr_state_dict
+from ..finetune import CheckpointInit, fit_state_dict
 from ..layout import ClassLayout, generic_layout, layout_from_cfg
 from ..precision import autocast, precision_dtype, to_float32
+from .backbone import padding_mask
 from .box_ops import box_xyxy_to_cxcywh
+from .consistency import check_aids, check_criterion, check_inputs
 from .criterion import LossBranch, SetCriterion, build_criterion
 from .frozen_backbone import FoldedBackbone, has_foldable_frozen_part
 from .position_encoding import build_position_encoding
 from .postprocessing import (
     PostprocessOptions,
-    image_sizes_tensor,
     inference_results,
     instances_results,
 )
-from .segmentation import MASK_HEAD_IN_FEATURES, MaskAttentionMap, MaskHead
+from .segmentation import MASK_HEAD_IN_FEATURES, build_mask_heads, gt_mask_tensor
 from .training_aids import (
     DecoderQueries,
     TrainingAid,
@@ -88,49 +89,43 @@ class Detr(nn.Module):
     """Backbone -> 1x1 projection -> transformer -> class and box heads, one set per query.
 
     Training returns the weighted set-prediction losses; inference returns, per image, an
-    ``Instances`` with every query's box, score and class (see :meth:`inference`).
-
-    With ``mask_on`` it also predicts one mask per query (``bbox_attention`` + ``mask_head``,
-    official names) and can freeze everything else for the official second training stage.
+    ``Instances`` with every query's box, score and class (see :meth:`inference`). With
+    ``mask_on`` it also predicts one mask per query (``bbox_attention`` + ``mask_head``, official
+    names) and can freeze everything else for the official second training stage.
 
     Constructor arguments:
-        backbone: a Detectron2 backbone; ``in_feature`` names the output the transformer uses.
+        backbone, in_feature: a Detectron2 backbone and the output the transformer reads.
         position_embedding: maps a padding mask [N, H, W] to encodings [N, C, H, W].
         transformer: encoder-decoder of width C = ``transformer.d_model``.
         num_classes: K; the class head has K + 1 outputs, the last is "no object" (unused by
             the sigmoid class losses). ``criterion.num_classes`` must be K.
         num_queries: Q object queries.
-        aux_loss: deep supervision (predict and supervise after every decoder layer) is the
-            transformer's ``return_intermediate_dec``; ``None`` follows it, ``True``/``False``
-            must equal it.
-        criterion: the set-prediction loss, used in training only. Its ``weight_dict`` must
-            weight the L - 1 auxiliary layers the transformer supervises (``_{i}`` keys, see
-            :func:`~.criterion.build_weight_dict`), or none without deep supervision.
+        aux_loss: deep supervision (outputs and losses after every decoder layer) is the
+            transformer's ``return_intermediate_dec``; None follows it, a bool must equal it.
+        criterion: the set-prediction loss (training only); its ``weight_dict`` weights the
+            L - 1 auxiliary layers the transformer supervises (:func:`~.criterion.build_weight_dict`).
         pixel_mean, pixel_std: per-channel normalization, in ``input_format`` order (0-255).
-        input_format: "RGB" or "BGR" channel order of the input images; the backbone always
-            receives RGB, as the official (torchvision) weights expect.
+        input_format: "RGB" or "BGR" input images; the backbone always receives RGB, as the
+            official (torchvision) weights expect.
         mask_on: add the mask head (needs the backbone outputs res2, res3, res4).
-        freeze_detr: train only the mask head: every other parameter gets
-            ``requires_grad=False`` and batch norms become frozen (official stage 2).
-        instance_on: inference returns ``instances`` (with ``pred_masks`` if ``mask_on``).
-        semantic_on: inference returns ``sem_seg`` [K, H, W] (needs ``mask_on``).
-        panoptic_on: inference returns ``panoptic_seg`` (needs ``mask_on``).
-        thing_ids: the classes that are things; ``None``: all classes are things. Instances
-            are restricted to them, and panoptic segments of other classes are stuff.
-        class_layout: names, thing flags and dataset category ids of the K classes (default:
-            numbered names); official checkpoints are remapped to it on load.
+        freeze_detr: train only the mask head; everything else is frozen (official stage 2).
+        instance_on, semantic_on, panoptic_on: inference returns ``instances`` (with
+            ``pred_masks`` if ``mask_on``), ``sem_seg`` [K, H, W], ``panoptic_seg`` (both need
+            ``mask_on``).
+        thing_ids: the classes that are things (None: all). Instances are restricted to them,
+            and panoptic segments of other classes are stuff.
+        class_layout: names, thing flags and dataset ids of the K classes (default: numbered
+            names); official checkpoints are remapped to it on load.
         panoptic_threshold: class probability a query needs to enter the panoptic output.
         mask_threshold: probability threshold of the binary instance masks.
-        score_activation: "softmax" (official) or "sigmoid" (models trained with a sigmoid
-            classification loss): how inference turns logits into scores; "sigmoid" exactly
-            when ``criterion.class_loss`` is "focal" or "ia_bce".
+        score_activation: how inference turns logits into scores: "softmax" (official), or
+            "sigmoid" exactly when ``criterion.class_loss`` is "focal" or "ia_bce".
         test_precision: dtype of the network in inference (autocast; fp32 post-processing).
         channels_last: backbone weights and inputs in channels-last (NHWC) memory format.
         training_aids: training-only parts (:mod:`.training_aids`, box models only), kept
             under ``train_only``; inference runs without them.
-        size_divisibility_train: pad training batches to a multiple of this (0: to the
-            largest image, as the official batching): few distinct batch shapes let oneDNN
-            reuse its convolution kernels instead of creating new ones for every batch.
+        size_divisibility_train: pad training batches to a multiple of this (0: to the largest
+            image, as the official batching): few batch shapes let oneDNN reuse its kernels.
         checkpoint_init: how a checkpoint of other classes or another query count starts the
             class head and queries (``MODEL.DETR.INIT``, :mod:`detr_d2.finetune`).
     """
@@ -173,52 +168,47 @@ class Detr(nn.Module):
         """See the class docstring for the arguments."""
         super().__init__()
         mask_outputs = semantic_on or panoptic_on or freeze_detr
-        _check_arguments(
-            backbone, in_feature, input_format, mask_on, mask_outputs, score_activation
-        )
-        _check_consistency(transformer, criterion, num_classes, aux_loss, score_activation)
-        _check_aids(training_aids, num_classes, mask_on)
-        self.backbone = backbone
-        self.in_feature = in_feature
-        self.position_embedding = position_embedding
-        self.transformer = transformer
-        self._build_heads(num_classes, num_queries)
-        self.aux_loss = bool(transformer.decoder.return_intermediate)
+        check_inputs(backbone, in_feature, input_format, mask_on, mask_outputs, score_activation)
+        check_criterion(transformer, criterion, num_classes, aux_loss, score_activation)
+        check_aids(training_aids, num_classes, mask_on)
+        self._build_trunk(backbone, in_feature, position_embedding, transformer, channels_last)
+        self._build_heads(num_classes, num_queries, sigmoid=score_activation == "sigmoid")
         self.criterion = criterion
-        self.input_format = input_format
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self._set_normalization(pixel_mean, pixel_std, input_format)
         self.mask_on = mask_on
         if mask_on:
-            self._build_mask_head()
-        if freeze_detr:
-            self._freeze_detection()
-        self.instance_on = instance_on
-        self.semantic_on = semantic_on
-        self.panoptic_on = panoptic_on
+            self._build_mask_head(freeze_detr)
+        self.instance_on, self.semantic_on, self.panoptic_on = instance_on, semantic_on, panoptic_on
         self.thing_ids = None if thing_ids is None else tuple(int(i) for i in thing_ids)
         self.class_layout = class_layout or generic_layout(num_classes)
-        assert self.class_layout.num_classes == num_classes, (
-            f"class_layout has {self.class_layout.num_classes} classes, the model {num_classes}"
-        )
-        self.panoptic_threshold = panoptic_threshold
-        self.mask_threshold = mask_threshold
-        self.test_precision = test_precision
-        self.channels_last = channels_last
-        if channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
-        # frozen backbone stages train as a copy with folded batch norms (not a submodule)
-        self._folded_backbone = FoldedBackbone(channels_last)
+        assert self.class_layout.num_classes == num_classes, "class_layout of other classes"
+        self.panoptic_threshold, self.mask_threshold = panoptic_threshold, mask_threshold
         self.score_activation = score_activation
-        if score_activation == "sigmoid":
-            # focal-loss prior (Lin et al. 2017): every class starts at probability 0.01
-            nn.init.constant_(self.class_embed.bias, -math.log(99.0))
+        self.test_precision = test_precision
         # parts that exist only for training; the inference model drops them (inference_graph)
         self.train_only = train_only_modules(training_aids)
         self.size_divisibility_train = size_divisibility_train
         self.checkpoint_init = checkpoint_init or CheckpointInit()
 
-    def _build_heads(self, num_classes: int, num_queries: int) -> None:
+    def _build_trunk(
+        self,
+        backbone: Backbone,
+        in_feature: str,
+        position_embedding: nn.Module,
+        transformer: Transformer,
+        channels_last: bool,
+    ) -> None:
+        self.backbone = backbone
+        self.in_feature = in_feature
+        self.position_embedding = position_embedding
+        self.transformer = transformer
+        self.channels_last = channels_last
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        # frozen backbone stages train as a copy with folded batch norms (not a submodule)
+        self._folded_backbone = FoldedBackbone(channels_last)
+
+    def _build_heads(self, num_classes: int, num_queries: int, sigmoid: bool) -> None:
         """The input projection, the object queries and the class and box heads."""
         hidden_dim = self.transformer.d_model
         channels = self.backbone.output_shape()[self.in_feature].channels
@@ -226,34 +216,35 @@ class Detr(nn.Module):
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        if sigmoid:
+            # focal-loss prior (Lin et al. 2017): every class starts at probability 0.01
+            nn.init.constant_(self.class_embed.bias, -math.log(99.0))
         self.num_classes = num_classes
         self.num_queries = num_queries
 
-    def _build_mask_head(self) -> None:
-        """``bbox_attention`` and ``mask_head`` (official names) on res2..res4 and the
-        transformer's outputs."""
-        shapes = self.backbone.output_shape()
-        missing = [f for f in MASK_HEAD_IN_FEATURES if f not in shapes]
-        if missing:
-            raise ValueError(
-                f"MODEL.MASK_ON needs the backbone outputs {list(MASK_HEAD_IN_FEATURES)}, "
-                f"missing {missing}: set MODEL.RESNETS.OUT_FEATURES "
-                "['res2', 'res3', 'res4', 'res5']."
-            )
-        hidden_dim, nhead = self.transformer.d_model, self.transformer.nhead
-        self.bbox_attention = MaskAttentionMap(hidden_dim, nhead)
-        self.mask_head = MaskHead(
-            hidden_dim, nhead, [shapes[f].channels for f in MASK_HEAD_IN_FEATURES]
-        )
+    def _set_normalization(self, pixel_mean, pixel_std, input_format: str) -> None:
+        self.input_format = input_format
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
-    def _freeze_detection(self) -> None:
-        """Official stage 2 (``--frozen_weights``): only ``bbox_attention`` and ``mask_head``
-        train. Batch norms become ``FrozenBatchNorm2d`` so that their statistics stay those of
-        the stage-1 model (the official backbone uses frozen batch norm anyway)."""
-        self.backbone = FrozenBatchNorm2d.convert_frozen_batchnorm(self.backbone)
-        for name, parameter in self.named_parameters():
-            if not name.startswith(("bbox_attention.", "mask_head.")):
-                parameter.requires_grad_(False)
+    @property
+    def aux_loss(self) -> bool:
+        """Deep supervision: the transformer returns every decoder layer's output."""
+        return bool(self.transformer.decoder.return_intermediate)
+
+    def _build_mask_head(self, freeze_detr: bool) -> None:
+        """``bbox_attention`` and ``mask_head`` (official names) on res2..res4 and the
+        transformer's outputs; with ``freeze_detr`` only they train (official stage 2:
+        ``--frozen_weights``), and batch norms become ``FrozenBatchNorm2d`` so that their
+        statistics stay those of the stage-1 model (the official backbone freezes them anyway)."""
+        self.bbox_attention, self.mask_head = build_mask_heads(
+            self.backbone.output_shape(), self.transformer.d_model, self.transformer.nhead
+        )
+        if freeze_detr:
+            self.backbone = FrozenBatchNorm2d.convert_frozen_batchnorm(self.backbone)
+            for name, parameter in self.named_parameters():
+                if not name.startswith(("bbox_attention.", "mask_head.")):
+                    parameter.requires_grad_(False)
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -302,24 +293,10 @@ class Detr(nn.Module):
     def convert_checkpoint_state_dict(
         self, state_dict: dict[str, torch.Tensor], class_layout: dict | None = None
     ) -> dict:
-        """``state_dict`` in this model's layout: an official DETR one (torchvision backbone
-        names, optional ``detr.`` prefix, class head indexed by COCO category id) is converted;
-        the class head and queries of a checkpoint of other classes or another query count
-        (``class_layout``: the names a detr_d2 checkpoint stores) are fitted to the model as
-        ``MODEL.DETR.INIT`` says (:mod:`detr_d2.finetune`). Detectron2's checkpointers call this
-        before their shape check (see :mod:`detr_d2.compat`)."""
-        if is_official_detr_state_dict(state_dict):
-            logger.warning(
-                "Loading an official DETR state dict: converting it to detr_d2's layout."
-            )
-            return convert_official_for_model(
-                state_dict, self, self.class_layout, self.checkpoint_init
-            )
-        state_dict = dict(state_dict)
-        own = self.state_dict()
-        stored = checkpoint_class_layout(state_dict, class_layout)
-        adapt_heads(state_dict, own, self.class_layout, self.checkpoint_init, stored)
-        return state_dict
+        """``state_dict`` in this model's layout (:func:`detr_d2.finetune.fit_state_dict`).
+        Detectron2's checkpointers call this before their shape check (see
+        :mod:`detr_d2.compat`)."""
+        return fit_state_dict(self, state_dict, class_layout)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Old (official DETR) layouts are converted here too, for plain ``load_state_dict``;
@@ -350,23 +327,7 @@ class Detr(nn.Module):
             divisibility = max(divisibility, self.size_divisibility_train)
         return ImageList.from_tensors(images, divisibility)
 
-    @staticmethod
-    def padding_mask(images: ImageList, size: tuple[int, int]) -> torch.Tensor:
-        """bool [N, h, w], True on padding, for a feature map of ``size``.
-
-        As the official implementation: built at input resolution from the unpadded sizes, then
-        sampled with nearest interpolation to the feature map (a few padded rows can vanish).
-        ``images.image_sizes`` may be an int64 tensor [N, 2] (exported graphs, see
-        :mod:`detr_d2.export`) so that nothing in this path leaves the graph.
-        """
-        tensor = images.tensor
-        heights_widths = image_sizes_tensor(images.image_sizes, tensor.device)  # [N, 2]
-        ys = torch.arange(tensor.shape[-2], device=tensor.device)
-        xs = torch.arange(tensor.shape[-1], device=tensor.device)
-        mask = (ys[None, :, None] >= heights_widths[:, 0, None, None]) | (
-            xs[None, None, :] >= heights_widths[:, 1, None, None]
-        )  # [N, H, W]
-        return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+    padding_mask = staticmethod(padding_mask)
 
     def _trunk(self, images: ImageList) -> _Trunk:
         """Backbone features, padding mask, position encoding and projected features."""
@@ -486,29 +447,11 @@ class Detr(nn.Module):
             boxes = box_xyxy_to_cxcywh(instances.gt_boxes.tensor.float() / scale)
             target = {"labels": instances.gt_classes, "boxes": boxes}
             if self.mask_on:
-                target["masks"] = self._gt_mask_tensor(instances, padded_size or (height, width))
+                target["masks"] = gt_mask_tensor(
+                    instances, padded_size or (height, width), self.device
+                )
             targets.append(target)
         return targets
-
-    def _gt_mask_tensor(self, instances, padded_size: tuple[int, int]) -> torch.Tensor:
-        """uint8 [G, H, W] masks of ``instances.gt_masks`` (bit masks or polygons), zero-padded
-        at the bottom and right."""
-        height, width = instances.image_size
-        if not instances.has("gt_masks"):
-            if len(instances):
-                raise ValueError(
-                    "MODEL.MASK_ON needs ground-truth masks: the dataset mapper gave instances "
-                    "without gt_masks (use a dataset with segmentations, or set MODEL.MASK_ON "
-                    "False)."
-                )
-            masks = torch.zeros((0, height, width), dtype=torch.uint8, device=self.device)
-        elif isinstance(instances.gt_masks, PolygonMasks):
-            masks = BitMasks.from_polygon_masks(instances.gt_masks, height, width).tensor
-        else:
-            masks = instances.gt_masks.tensor
-        masks = masks.to(device=self.device, dtype=torch.uint8)
-        pad_bottom, pad_right = padded_size[0] - masks.shape[-2], padded_size[1] - masks.shape[-1]
-        return F.pad(masks, (0, pad_right, 0, pad_bottom))
 
     @torch.no_grad()
     def predict_raw(self, batched_inputs: list[dict]) -> dict:
@@ -558,91 +501,3 @@ class Detr(nn.Module):
             mask_threshold=self.mask_threshold,
             score_activation=self.score_activation,
         )
-
-
-# ---------------------------------------------------------------- argument checks
-def _check_arguments(
-    backbone: Backbone,
-    in_feature: str,
-    input_format: str,
-    mask_on: bool,
-    mask_outputs: bool,
-    score_activation: str,
-) -> None:
-    """Raise ValueError, naming the config key, for an unusable backbone output or input format,
-    and for mask outputs (``mask_outputs``: semantic, panoptic or stage 2) without a mask head
-    or with sigmoid scores."""
-    if in_feature not in backbone.output_shape():
-        raise ValueError(
-            f"MODEL.DETR.IN_FEATURE={in_feature!r} is not a backbone output; available: "
-            f"{list(backbone.output_shape())}."
-        )
-    if input_format not in ("RGB", "BGR"):
-        raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR' for DETR, got {input_format!r}.")
-    if mask_outputs and not mask_on:
-        raise ValueError(
-            "MODEL.DETR.TEST.SEMANTIC_ON, MODEL.DETR.TEST.PANOPTIC_ON and "
-            "MODEL.DETR.FREEZE_DETR need the mask head: set MODEL.MASK_ON True."
-        )
-    if score_activation == "sigmoid" and mask_on:
-        raise ValueError(
-            "MODEL.DETR.CLASS_LOSS focal/ia_bce (sigmoid scores) is not supported with "
-            "MODEL.MASK_ON: panoptic inference follows the official softmax scores."
-        )
-
-
-def _check_consistency(
-    transformer: Transformer,
-    criterion: SetCriterion,
-    num_classes: int,
-    aux_loss: bool | None,
-    score_activation: str,
-) -> None:
-    """Raise ValueError, naming the arguments, unless the criterion and heads given to
-    :class:`Detr` agree with the model: deep supervision, class count and class activation."""
-    deep = bool(transformer.decoder.return_intermediate)
-    if aux_loss is not None and bool(aux_loss) != deep:
-        raise ValueError(
-            f"aux_loss={aux_loss} but the transformer has return_intermediate_dec={deep}: deep "
-            "supervision is the transformer's setting (MODEL.DETR.DEEP_SUPERVISION). Leave "
-            "aux_loss out, or build the transformer with the same value."
-        )
-    expected, weighted = num_aux_layers(transformer), criterion.num_aux_layers()
-    if weighted != expected:
-        raise ValueError(
-            f"criterion.weight_dict weights {weighted} auxiliary decoder layers, the model "
-            f"supervises {expected} (transformer num_decoder_layers={len(transformer.decoder.layers)}"
-            f", return_intermediate_dec={deep}): build the criterion's weight_dict with "
-            f"build_weight_dict(base_weights, {expected})."
-        )
-    if criterion.num_classes != num_classes:
-        raise ValueError(
-            f"criterion.num_classes={criterion.num_classes} but num_classes={num_classes}: the "
-            f'class head has num_classes + 1 = {num_classes + 1} outputs (the last is "no '
-            'object"), and the criterion must score the same classes. Pass the same count to '
-            "both."
-        )
-    # the sigmoid losses (focal, ia_bce) train independent class probabilities: score with sigmoid
-    wanted = "softmax" if criterion.class_loss == "softmax" else "sigmoid"
-    if score_activation != wanted:
-        raise ValueError(
-            f"score_activation={score_activation!r} but criterion.class_loss="
-            f"{criterion.class_loss!r}: a {criterion.class_loss} class loss needs "
-            f"score_activation={wanted!r}."
-        )
-
-
-def _check_aids(aids: Sequence[TrainingAid], num_classes: int, mask_on: bool) -> None:
-    """Raise ValueError unless the training aids are for a box model of ``num_classes``."""
-    for aid in aids:
-        if mask_on:
-            raise ValueError(
-                f"{aid.config_key} is a box-model training aid: set it in the box stage, not "
-                "with MODEL.MASK_ON."
-            )
-        aid_classes = getattr(aid, "num_classes", num_classes)
-        if aid_classes != num_classes:
-            raise ValueError(
-                f"{aid.slot}.num_classes={aid_classes} but num_classes={num_classes}: build the "
-                "training aid with the model's class count."
-            )
