@@ -344,21 +344,11 @@ class SetCriterion(nn.Module):
         n = len(targets)
         num_boxes = average_num_boxes(targets, outputs["pred_logits"].device) * num_groups
         targets_all = list(targets) * num_groups
-        gt_classes = [t["labels"] for t in targets_all]
-        gt_boxes = [t["boxes"] for t in targets_all]
+        gt_classes, gt_boxes = [t["labels"] for t in targets_all], [t["boxes"] for t in targets_all]
         layers = [(outputs, "")] + [
             (aux, f"_{i}") for i, aux in enumerate(outputs.get("aux_outputs", []))
         ]
-        if identity_matches:
-            pairs = [(torch.arange(len(c)), torch.arange(len(c))) for c in gt_classes]
-            all_indices = [pairs] * len(layers)
-        else:  # all layers matched together: one device-to-host transfer per batch
-            all_indices = self.matcher.match_layers(
-                torch.stack([o["pred_logits"].detach() for o, _ in layers]),
-                torch.stack([o["pred_boxes"].detach() for o, _ in layers]),
-                gt_classes,
-                gt_boxes,
-            )
+        all_indices = self._match([o for o, _ in layers], gt_classes, gt_boxes, identity_matches)
         # box and class terms of all layers in one pass (few large ops instead of many small)
         names = losses or self.losses
         per_layer: dict[str, torch.Tensor] = {}
@@ -385,6 +375,19 @@ class SetCriterion(nn.Module):
         group0 = {k: outputs[k][:n] for k in ("pred_logits", "pred_boxes")}
         metrics = self.metrics(group0, targets, all_indices[0][:n])
         return result, metrics, all_indices
+
+    def _match(self, layers: list[dict], gt_classes, gt_boxes, identity: bool) -> list[Indices]:
+        """The matches of every layer's outputs; with ``identity`` query j is target j."""
+        if identity:
+            pairs = [(torch.arange(len(c)), torch.arange(len(c))) for c in gt_classes]
+            return [pairs] * len(layers)
+        # all layers matched together: one device-to-host transfer per batch
+        return self.matcher.match_layers(
+            torch.stack([o["pred_logits"].detach() for o in layers]),
+            torch.stack([o["pred_boxes"].detach() for o in layers]),
+            gt_classes,
+            gt_boxes,
+        )
 
     def forward(self, outputs, targets) -> dict[str, torch.Tensor]:
         """Weighted losses of one set of predictions (plain DETR): :meth:`branch_losses` of the
