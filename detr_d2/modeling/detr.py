@@ -17,6 +17,7 @@ Training-only aids (query groups, one-to-many and denoising queries, a dense hea
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import NamedTuple
 
 import torch
@@ -488,16 +489,9 @@ class Detr(nn.Module):
 
     @property
     def postprocess_options(self) -> PostprocessOptions:
-        """What :func:`inference_results` computes from the raw outputs (exported models store
-        the same options in their JSON, so both run identical post-processing)."""
+        """What :func:`inference_results` computes from the raw outputs: the model's attributes
+        of the same names (exported models store them in their JSON, so both run identical
+        post-processing)."""
         return PostprocessOptions(
-            num_classes=self.num_classes,
-            mask_on=self.mask_on,
-            instance_on=self.instance_on,
-            semantic_on=self.semantic_on,
-            panoptic_on=self.panoptic_on,
-            thing_ids=self.thing_ids,
-            panoptic_threshold=self.panoptic_threshold,
-            mask_threshold=self.mask_threshold,
-            score_activation=self.score_activation,
+            **{f.name: getattr(self, f.name) for f in fields(PostprocessOptions)}
         )

@@ -105,7 +105,9 @@ class DecoderQueries:
     spans: list[slice | None]
 
     @classmethod
-    def assemble(cls, plain: torch.Tensor, extras: Sequence[ExtraQueries | None]):
+    def assemble(
+        cls, plain: torch.Tensor, extras: Sequence[ExtraQueries | None]
+    ) -> "DecoderQueries":
         """The plain queries [Q, C], then the aids' shared queries, then their per-image ones,
         each set masked off from the others; ``plain`` alone (no mask) when no aid adds any."""
         shared = [(i, e) for i, e in enumerate(extras) if e is not None and e.position.dim() == 2]
