@@ -254,12 +254,15 @@ class Detr(nn.Module):
         backbone = build_backbone(cfg)
         transformer = build_transformer(cfg)
         device_type = torch.device(cfg.MODEL.DEVICE).type
+        # built in this order so that a seed gives the same initial weights as earlier versions
+        # (precision_dtype's "auto" measurement draws from the global random generator too)
         return {
             "backbone": backbone,
             "in_feature": detr.IN_FEATURE,
             "transformer": transformer,
             "criterion": build_criterion(cfg, layout.num_classes, num_aux_layers(transformer)),
             "position_embedding": build_position_encoding(detr.POSITION_EMBEDDING, detr.HIDDEN_DIM),
+            "test_precision": precision_dtype(cfg.TEST.PRECISION, "TEST.PRECISION", device_type),
             "training_aids": build_training_aids(cfg, layout.num_classes),
             "num_classes": layout.num_classes,
             "num_queries": detr.NUM_OBJECT_QUERIES,
@@ -276,7 +279,6 @@ class Detr(nn.Module):
             "panoptic_threshold": detr.TEST.PANOPTIC_THRESHOLD,
             "mask_threshold": detr.TEST.MASK_THRESHOLD,
             "score_activation": "softmax" if detr.CLASS_LOSS == "softmax" else "sigmoid",
-            "test_precision": precision_dtype(cfg.TEST.PRECISION, "TEST.PRECISION", device_type),
             "channels_last": detr.CHANNELS_LAST,
             "size_divisibility_train": detr.SIZE_DIVISIBILITY_TRAIN,
             "checkpoint_init": CheckpointInit.from_config(cfg, layout.num_classes),
