@@ -16,13 +16,25 @@ from dataclasses import dataclass
 import torch
 from detectron2.config import CfgNode
 
+from .checkpoint import (
+    convert_official_for_model,
+    is_official_detr_state_dict,
+    torchvision_resnet_as_official,
+)
+from .checkpoint_fit import check_checkpoint_fits
 from .layout import (
     ClassLayout,
     official_class_rows,
     official_coco_layout,
 )
 
-__all__ = ["CheckpointInit", "adapt_heads", "checkpoint_class_layout", "query_subset"]
+__all__ = [
+    "CheckpointInit",
+    "adapt_heads",
+    "checkpoint_class_layout",
+    "fit_state_dict",
+    "query_subset",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +97,35 @@ def adapt_heads(
     says. What cannot be fitted is dropped, so the model keeps its fresh values (logged)."""
     _adapt_class_head(state_dict, own, layout, init, checkpoint_layout)
     _adapt_queries(state_dict, own, init.queries)
+
+
+def fit_state_dict(
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    class_layout: dict | None = None,
+    **declared,
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` in the layout of ``model`` (a ``Detr``): an official DETR one (torchvision
+    backbone names, optional ``detr.`` prefix, class head indexed by COCO category id) is
+    converted, and so is a torchvision ImageNet ResNet (as the backbone of one); the class head
+    and queries of a checkpoint of other classes or another query count (``class_layout``: the
+    names a detr_d2 checkpoint stores) are fitted to the model as its ``checkpoint_init``
+    (``MODEL.DETR.INIT``) says. The result must fit the model (``declared``: what the file says
+    it holds; :func:`detr_d2.checkpoint_fit.check_checkpoint_fits`)."""
+    state_dict = torchvision_resnet_as_official(state_dict)
+    if is_official_detr_state_dict(state_dict):
+        logger.warning("Loading an official DETR state dict: converting it to detr_d2's layout.")
+        state_dict = convert_official_for_model(
+            state_dict, model, model.class_layout, model.checkpoint_init
+        )
+    else:
+        state_dict = dict(state_dict)
+        stored = checkpoint_class_layout(state_dict, class_layout)
+        own = model.state_dict()
+        adapt_heads(state_dict, own, model.class_layout, model.checkpoint_init, stored)
+    partial = model.checkpoint_init.partial
+    check_checkpoint_fits(model, state_dict, partial=partial, **declared)
+    return state_dict
 
 
 def _same_classes(layout: ClassLayout, rows: int, checkpoint_layout: ClassLayout | None) -> bool:

@@ -1,8 +1,14 @@
-"""Detectron2 ResNets with torchvision's layout, as the official DETR checkpoints expect."""
+"""Detectron2 ResNets with torchvision's layout, as the official DETR checkpoints expect, and the
+padding mask of a backbone feature map."""
 
+import torch
+import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet, build_resnet_backbone
+from detectron2.structures import ImageList
+
+from .postprocessing import image_sizes_tensor
 
 _BASIC_BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
 
@@ -51,3 +57,21 @@ def build_detr_resnet_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
         conv.dilation = (1, 1)
         conv.padding = (1, 1)
     return backbone
+
+
+def padding_mask(images: ImageList, size: tuple[int, int]) -> torch.Tensor:
+    """bool [N, h, w], True on padding, for a feature map of ``size``.
+
+    As the official implementation: built at input resolution from the unpadded sizes, then
+    sampled with nearest interpolation to the feature map (a few padded rows can vanish).
+    ``images.image_sizes`` may be an int64 tensor [N, 2] (exported graphs, see
+    :mod:`detr_d2.export`) so that nothing in this path leaves the graph.
+    """
+    tensor = images.tensor
+    heights_widths = image_sizes_tensor(images.image_sizes, tensor.device)  # [N, 2]
+    ys = torch.arange(tensor.shape[-2], device=tensor.device)
+    xs = torch.arange(tensor.shape[-1], device=tensor.device)
+    mask = (ys[None, :, None] >= heights_widths[:, 0, None, None]) | (
+        xs[None, None, :] >= heights_widths[:, 1, None, None]
+    )  # [N, H, W]
+    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]

@@ -12,6 +12,7 @@ input-image resolution, top-left aligned with the image; zero-padded here to the
 """
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -20,6 +21,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ..precision import to_float32
 from .box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from .matcher import HungarianMatcher
 from .segmentation import dice_loss, sigmoid_focal_loss, sigmoid_focal_terms
@@ -61,6 +63,39 @@ def flatten_matches(
 
 
 CLASS_LOSSES = ("softmax", "focal", "ia_bce")
+
+
+@dataclass(frozen=True)
+class LossBranch:
+    """One set of predictions for :meth:`SetCriterion.branch_losses`, as data: plain DETR has one
+    branch, every training aid adds one (or, query groups, widens the main one).
+
+    Attributes:
+        suffix: appended to each loss key (``""``: the main branch's keys; ``"_o2m"``, ``"_dn"``).
+        outputs: the criterion's ``outputs`` dict (see the module docstring), or whatever
+            ``loss`` takes.
+        targets: N target dicts (``labels [G_i]``, ``boxes [G_i, 4]``) for ``outputs``.
+        weight: factor on top of the criterion's ``weight_dict`` (DETR's own branch: 1).
+        num_groups: G copies stacked group-major along the batch, each matched on its own and
+            the losses averaged over them (:meth:`SetCriterion.compute`).
+        identity_matches: no Hungarian matching: query j of each image is target j.
+        terms: the loss terms (``"labels"``, ``"boxes"``, ``"masks"``); empty: the criterion's.
+        loss: a loss of the branch's own, ``loss(outputs, targets) -> {key: unweighted loss}``,
+            instead of the set losses (the dense head's); weighted by ``weight`` only.
+    """
+
+    suffix: str
+    outputs: dict
+    targets: list[dict[str, torch.Tensor]]
+    weight: float = 1.0
+    num_groups: int = 1
+    identity_matches: bool = False
+    terms: tuple[str, ...] = ()
+    loss: Callable[[dict, list[dict]], dict[str, torch.Tensor]] | None = None
+
+    def to_float32(self) -> "LossBranch":
+        """The branch with its floating outputs in fp32 (the losses are computed in fp32)."""
+        return replace(self, outputs=to_float32(self.outputs))
 
 
 def average_over_workers(value: torch.Tensor) -> torch.Tensor:
@@ -309,21 +344,11 @@ class SetCriterion(nn.Module):
         n = len(targets)
         num_boxes = average_num_boxes(targets, outputs["pred_logits"].device) * num_groups
         targets_all = list(targets) * num_groups
-        gt_classes = [t["labels"] for t in targets_all]
-        gt_boxes = [t["boxes"] for t in targets_all]
+        gt_classes, gt_boxes = [t["labels"] for t in targets_all], [t["boxes"] for t in targets_all]
         layers = [(outputs, "")] + [
             (aux, f"_{i}") for i, aux in enumerate(outputs.get("aux_outputs", []))
         ]
-        if identity_matches:
-            pairs = [(torch.arange(len(c)), torch.arange(len(c))) for c in gt_classes]
-            all_indices = [pairs] * len(layers)
-        else:  # all layers matched together: one device-to-host transfer per batch
-            all_indices = self.matcher.match_layers(
-                torch.stack([o["pred_logits"].detach() for o, _ in layers]),
-                torch.stack([o["pred_boxes"].detach() for o, _ in layers]),
-                gt_classes,
-                gt_boxes,
-            )
+        all_indices = self._match([o for o, _ in layers], gt_classes, gt_boxes, identity_matches)
         # box and class terms of all layers in one pass (few large ops instead of many small)
         names = losses or self.losses
         per_layer: dict[str, torch.Tensor] = {}
@@ -351,38 +376,51 @@ class SetCriterion(nn.Module):
         metrics = self.metrics(group0, targets, all_indices[0][:n])
         return result, metrics, all_indices
 
-    def forward(
-        self, outputs, targets, num_groups: int = 1, one_to_many=None, denoising=None
-    ) -> dict[str, torch.Tensor]:
-        """Weighted losses. ``num_groups``: see :meth:`compute`. ``one_to_many``: optional
-        ``(outputs, repeat, weight)`` of the training-only one-to-many queries (H-DETR): matched
-        to every target repeated ``repeat`` times, box and class terms only, weighted by
-        ``weight`` on top of the usual weights, keys suffixed ``_o2m``. ``denoising``: optional
-        ``(outputs, groups, weight)`` of the denoising queries (DN-DETR; ``groups`` copies
-        stacked group-major along the batch), each query supervised by the target it was made
-        from, keys suffixed ``_dn``."""
-        losses, metrics, _ = self.compute(outputs, targets, num_groups)
-        storage = get_event_storage()
-        for name, value in metrics.items():
-            storage.put_scalar(name, value)
-        weighted = {k: v * self.weight_dict[k] for k, v in losses.items()}
-        if one_to_many is not None:
-            o2m_outputs, repeat, weight = one_to_many
-            repeated = [
-                {"labels": t["labels"].repeat(repeat), "boxes": t["boxes"].repeat(repeat, 1)}
-                for t in targets
-            ]
-            o2m_losses, _, _ = self.compute(o2m_outputs, repeated, losses=("labels", "boxes"))
-            weighted.update(
-                {k + "_o2m": v * self.weight_dict[k] * weight for k, v in o2m_losses.items()}
+    def _match(self, layers: list[dict], gt_classes, gt_boxes, identity: bool) -> list[Indices]:
+        """The matches of every layer's outputs; with ``identity`` query j is target j."""
+        if identity:
+            pairs = [(torch.arange(len(c)), torch.arange(len(c))) for c in gt_classes]
+            return [pairs] * len(layers)
+        # all layers matched together: one device-to-host transfer per batch
+        return self.matcher.match_layers(
+            torch.stack([o["pred_logits"].detach() for o in layers]),
+            torch.stack([o["pred_boxes"].detach() for o in layers]),
+            gt_classes,
+            gt_boxes,
+        )
+
+    def forward(self, outputs, targets) -> dict[str, torch.Tensor]:
+        """Weighted losses of one set of predictions (plain DETR): :meth:`branch_losses` of the
+        single branch ``LossBranch("", outputs, targets)``."""
+        return self.branch_losses([LossBranch("", outputs, targets)])
+
+    def branch_losses(self, branches: Sequence["LossBranch"]) -> dict[str, torch.Tensor]:
+        """Weighted losses of every branch, keys suffixed with the branch's ``suffix``: a set
+        branch's terms weighted by ``weight_dict`` times ``branch.weight``, a branch with a loss
+        of its own by ``branch.weight``. The first branch is the main one (the queries inference
+        uses): its last-layer metrics go to the event storage."""
+        weighted = {}
+        for index, branch in enumerate(branches):
+            if branch.loss is not None:
+                losses = branch.loss(branch.outputs, branch.targets)
+                weighted.update({k + branch.suffix: v * branch.weight for k, v in losses.items()})
+                continue
+            losses, metrics, _ = self.compute(
+                branch.outputs,
+                branch.targets,
+                num_groups=branch.num_groups,
+                losses=branch.terms,
+                identity_matches=branch.identity_matches,
             )
-        if denoising is not None:
-            dn_outputs, groups, weight = denoising
-            dn_losses, _, _ = self.compute(
-                dn_outputs, targets, groups, losses=("labels", "boxes"), identity_matches=True
-            )
+            if index == 0:
+                storage = get_event_storage()
+                for name, value in metrics.items():
+                    storage.put_scalar(name, value)
             weighted.update(
-                {k + "_dn": v * self.weight_dict[k] * weight for k, v in dn_losses.items()}
+                {
+                    k + branch.suffix: v * self.weight_dict[k] * branch.weight
+                    for k, v in losses.items()
+                }
             )
         return weighted
 
@@ -408,3 +446,39 @@ def build_weight_dict(base: dict[str, float], num_aux_layers: int) -> dict[str, 
     for i in range(num_aux_layers):
         weights.update({f"{k}_{i}": v for k, v in base.items()})
     return weights
+
+
+def build_criterion(cfg, num_classes: int, num_aux_layers: int) -> SetCriterion:
+    """The set criterion of ``cfg``: the Hungarian matcher with the ``MODEL.DETR.COST_*`` costs,
+    the ``*_WEIGHT`` loss weights of the final and the ``num_aux_layers`` auxiliary decoder
+    layers, and the mask terms with ``MODEL.MASK_ON``."""
+    detr = cfg.MODEL.DETR
+    # the sigmoid class losses match with the focal cost (Deformable DETR)
+    class_cost = "softmax" if detr.CLASS_LOSS == "softmax" else "focal"
+    matcher = HungarianMatcher(
+        cost_class=detr.COST_CLASS,
+        cost_bbox=detr.COST_BBOX,
+        cost_giou=detr.COST_GIOU,
+        class_cost=class_cost,
+        focal_alpha=detr.FOCAL_ALPHA,
+        focal_gamma=detr.FOCAL_GAMMA,
+    )
+    base_weights = {
+        "loss_ce": detr.CLASS_WEIGHT,
+        "loss_bbox": detr.L1_WEIGHT,
+        "loss_giou": detr.GIOU_WEIGHT,
+    }
+    losses = ("labels", "boxes")
+    if cfg.MODEL.MASK_ON:
+        base_weights.update(loss_mask=detr.MASK_WEIGHT, loss_dice=detr.DICE_WEIGHT)
+        losses += ("masks",)
+    return SetCriterion(
+        num_classes,
+        matcher=matcher,
+        weight_dict=build_weight_dict(base_weights, num_aux_layers),
+        eos_coef=detr.NO_OBJECT_WEIGHT,
+        losses=losses,
+        class_loss=detr.CLASS_LOSS,
+        focal_alpha=detr.FOCAL_ALPHA,
+        focal_gamma=detr.FOCAL_GAMMA,
+    )

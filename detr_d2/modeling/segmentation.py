@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from detectron2.layers import ShapeSpec
+from detectron2.structures import BitMasks, Instances, PolygonMasks
 from torch import nn
 
 __all__ = [
@@ -151,6 +153,22 @@ class MaskHead(nn.Module):
         return x.view(n, q, *x.shape[-2:])
 
 
+def build_mask_heads(
+    shapes: dict[str, ShapeSpec], hidden_dim: int, nhead: int
+) -> tuple[MaskAttentionMap, MaskHead]:
+    """``bbox_attention`` and ``mask_head`` of a transformer of width ``hidden_dim`` with
+    ``nhead`` heads, on the backbone outputs res2..res4 (``shapes``: all backbone outputs)."""
+    missing = [f for f in MASK_HEAD_IN_FEATURES if f not in shapes]
+    if missing:
+        raise ValueError(
+            f"MODEL.MASK_ON needs the backbone outputs {list(MASK_HEAD_IN_FEATURES)}, "
+            f"missing {missing}: set MODEL.RESNETS.OUT_FEATURES "
+            "['res2', 'res3', 'res4', 'res5']."
+        )
+    channels = [shapes[f].channels for f in MASK_HEAD_IN_FEATURES]
+    return MaskAttentionMap(hidden_dim, nhead), MaskHead(hidden_dim, nhead, channels)
+
+
 def sigmoid_focal_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -181,3 +199,26 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_boxes: float) -> 
     numerator = 2 * (prob * targets).sum(1)
     denominator = prob.sum(1) + targets.sum(1)
     return (1 - (numerator + 1) / (denominator + 1)).sum() / num_boxes
+
+
+def gt_mask_tensor(
+    instances: Instances, padded_size: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """uint8 [G, H, W] masks of ``instances.gt_masks`` (bit masks or polygons) on ``device``,
+    zero-padded at the bottom and right to ``padded_size``."""
+    height, width = instances.image_size
+    if not instances.has("gt_masks"):
+        if len(instances):
+            raise ValueError(
+                "MODEL.MASK_ON needs ground-truth masks: the dataset mapper gave instances "
+                "without gt_masks (use a dataset with segmentations, or set MODEL.MASK_ON "
+                "False)."
+            )
+        masks = torch.zeros((0, height, width), dtype=torch.uint8, device=device)
+    elif isinstance(instances.gt_masks, PolygonMasks):
+        masks = BitMasks.from_polygon_masks(instances.gt_masks, height, width).tensor
+    else:
+        masks = instances.gt_masks.tensor
+    masks = masks.to(device=device, dtype=torch.uint8)
+    pad_bottom, pad_right = padded_size[0] - masks.shape[-2], padded_size[1] - masks.shape[-1]
+    return F.pad(masks, (0, pad_right, 0, pad_bottom))

@@ -355,3 +355,31 @@ class Transformer(nn.Module):
         if not batch_first:
             hs, memory = hs.transpose(1, 2), memory.transpose(0, 1)
         return hs, memory.permute(0, 2, 1).reshape(n, c, h, w)
+
+
+def build_transformer(cfg) -> Transformer:
+    """The encoder-decoder of ``cfg.MODEL.DETR``. Deep supervision is set here once
+    (``DEEP_SUPERVISION``: every decoder layer's output is returned); the criterion's auxiliary
+    weights and the model's auxiliary outputs follow it."""
+    detr = cfg.MODEL.DETR
+    return Transformer(
+        d_model=detr.HIDDEN_DIM,
+        nhead=detr.NHEADS,
+        num_encoder_layers=detr.ENC_LAYERS,
+        num_decoder_layers=detr.DEC_LAYERS,
+        dim_feedforward=detr.DIM_FEEDFORWARD,
+        dropout=detr.DROPOUT,
+        normalize_before=detr.PRE_NORM,
+        return_intermediate_dec=detr.DEEP_SUPERVISION,
+        attention_fp32=detr.ATTENTION_FP32,
+        fast_dropout=detr.FAST_DROPOUT,
+        batch_first_training=detr.BATCH_FIRST_TRAINING,
+    )
+
+
+def num_aux_layers(transformer: Transformer) -> int:
+    """The decoder layers before the last whose outputs are supervised: L - 1 when the decoder
+    returns every layer's output (deep supervision, the paper's auxiliary decoding losses,
+    Sec. 3.2), else 0."""
+    decoder = transformer.decoder
+    return len(decoder.layers) - 1 if decoder.return_intermediate else 0

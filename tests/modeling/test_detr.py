@@ -10,9 +10,9 @@ from detectron2.utils.events import EventStorage
 
 from detr_d2.modeling import Detr
 from detr_d2.modeling.criterion import SetCriterion, build_weight_dict
-from detr_d2.modeling.dense_head import DenseAuxHead
 from detr_d2.modeling.detr import num_aux_layers
 from detr_d2.modeling.matcher import HungarianMatcher
+from detr_d2.modeling.training_aids import DenseAuxHead
 from detr_d2.modeling.transformer import Transformer
 
 from helpers import build_model_no_weights, tiny_cfg
@@ -139,7 +139,10 @@ def test_direct_construction_with_consistent_arguments():
             dict(score_activation="sigmoid"),
             r"score_activation='sigmoid' but criterion.class_loss='softmax'",
         ),
-        (dict(dense_head=DenseAuxHead(64, 2)), r"dense_head.num_classes=2 but num_classes=3"),
+        (
+            dict(training_aids=[DenseAuxHead(64, 2)]),
+            r"dense_head.num_classes=2 but num_classes=3",
+        ),
     ],
 )
 def test_inconsistent_direct_construction_is_refused(change, message):

@@ -11,13 +11,15 @@ from detr_tools.benchmark import synthetic_batch
 
 from detr_d2.ema import WeightEMA
 from detr_d2.engine import build_step_trainer
-from detr_d2.modeling.criterion import SetCriterion, build_weight_dict
-from detr_d2.modeling.dense_head import DenseAuxHead
+from detr_d2.modeling.criterion import LossBranch, SetCriterion, build_weight_dict
 from detr_d2.modeling.inference_graph import inference_model
 from detr_d2.modeling.matcher import HungarianMatcher
-from detr_d2.modeling.training_queries import (
+from detr_d2.modeling.training_aids import (
+    DecoderQueries,
     DenoisingQueries,
-    TrainingQueries,
+    DenseAuxHead,
+    OneToManyQueries,
+    QueryGroups,
     block_diagonal_mask,
 )
 from detr_d2.solver import build_detr_optimizer
@@ -40,11 +42,15 @@ def batch(n=2, seed=1):
 
 
 def test_self_attention_mask_is_block_diagonal():
-    queries = TrainingQueries(hidden_dim=8, num_queries=2, num_groups=3, num_one_to_many=3)
-    mask = queries.self_attention_mask(torch.device("cpu"))
+    groups = QueryGroups(hidden_dim=8, num_queries=2, num_groups=3)
+    one_to_many = OneToManyQueries(hidden_dim=8, num_queries=3, repeat=6, loss_weight=1.0)
+    plain = torch.zeros(2, 8)
+    queries = DecoderQueries.assemble(plain, [groups.queries([]), one_to_many.queries([])])
     sets = [0, 0, 1, 1, 2, 2, 3, 3, 3]
     expected = torch.tensor([[a != b for b in sets] for a in sets])
-    assert torch.equal(mask, expected)
+    assert torch.equal(queries.attention_mask, expected)
+    assert queries.spans == [slice(2, 6), slice(6, 9)] and queries.content is None
+    assert torch.equal(queries.position, torch.cat([plain, groups.weight, one_to_many.weight]))
 
 
 def test_group_zero_computes_what_plain_detr_computes():
@@ -59,19 +65,26 @@ def test_group_zero_computes_what_plain_detr_computes():
     inputs = batch()
     images = model.preprocess_image(inputs)
     targets = model.prepare_targets(inputs)
+
+    def branch_outputs():
+        branches = model.loss_branches(images, targets)
+        assert [b.suffix for b in branches] == ["", "_o2m", "_dn"]
+        return [b.outputs for b in branches]
+
     with torch.no_grad():
-        grouped = model.forward_heads(images, targets=targets)
+        grouped, grouped_o2m, grouped_dn = branch_outputs()
         reference = plain.forward_heads(images)
         model.train_only["queries"].group_embed.weight.normal_()  # other groups change ...
         model.train_only["denoising"].label_embed.weight.normal_()
-        regrouped = model.forward_heads(images, targets=targets)
+        regrouped, regrouped_o2m, _ = branch_outputs()
     n = len(images)
-    assert grouped["denoising"]["pred_boxes"].shape == (
+    assert grouped_dn["pred_boxes"].shape == (
         2 * n,
         max(len(t["labels"]) for t in targets),
         4,
     )
-    for outputs in (grouped, regrouped):  # ... group 0 does not
+    for outputs, one_to_many in ((grouped, grouped_o2m), (regrouped, regrouped_o2m)):
+        # ... group 0 does not
         torch.testing.assert_close(
             outputs["pred_logits"][:n], reference["pred_logits"], atol=1e-5, rtol=0
         )
@@ -79,8 +92,84 @@ def test_group_zero_computes_what_plain_detr_computes():
             outputs["pred_boxes"][:n], reference["pred_boxes"], atol=1e-5, rtol=0
         )
         assert outputs["pred_logits"].shape[0] == 3 * n
-        assert outputs["one_to_many"]["pred_logits"].shape[:2] == (n, 12)
+        assert one_to_many["pred_logits"].shape[:2] == (n, 12)
     assert not torch.allclose(grouped["pred_logits"][n:], regrouped["pred_logits"][n:])
+
+
+def test_each_aid_branch_is_the_criterion_on_its_own_queries():
+    """Through the aid interface, with every aid on: each loss branch is the criterion applied
+    directly to that aid's queries, sliced by hand from the decoder's output. The plain keys are
+    the mean of the G groups' one-to-one losses, ``_o2m`` the loss against every target
+    repeated k times, ``_dn`` the mean over the denoising groups with query j matched to target
+    j, the dense keys the head's own losses on the encoder output; each times its weight."""
+    cfg = accelerated_cfg(CLASS_LOSS="softmax")
+    cfg.MODEL.DETR.ONE_TO_MANY.WEIGHT = 0.5
+    cfg.MODEL.DETR.DENOISING.WEIGHT = 0.25
+    cfg.MODEL.DETR.DENSE_AUX.WEIGHT = 2.0
+    model = build_model_no_weights(cfg).train()
+    inputs = batch()
+    images = model.preprocess_image(inputs)
+    targets = model.prepare_targets(inputs)
+    decoded = []
+    model.transformer.register_forward_hook(lambda module, args, output: decoded.append(output))
+    criterion = model.criterion
+    with EventStorage(0):
+        losses = criterion.branch_losses(model.loss_branches(images, targets))
+        ((hs, memory),) = decoded
+        logits, boxes = model.class_embed(hs), model.bbox_embed(hs).sigmoid()  # [L, N, T, ...]
+
+        def loss_of(first, count, targets, groups=1, weight=1.0, **options):
+            """Mean of the weighted losses of ``groups`` consecutive sets of ``count`` queries."""
+            total = {}
+            for group in range(groups):
+                sets = slice(first + group * count, first + (group + 1) * count)
+                outputs = {
+                    "pred_logits": logits[-1, :, sets],
+                    "pred_boxes": boxes[-1, :, sets],
+                    "aux_outputs": [
+                        {"pred_logits": a[:, sets], "pred_boxes": b[:, sets]}
+                        for a, b in zip(logits[:-1], boxes[:-1])
+                    ],
+                }
+                unweighted, _, _ = criterion.compute(outputs, targets, **options)
+                for key, value in unweighted.items():
+                    total[key] = total.get(key, 0) + value * criterion.weight_dict[key] * weight
+            return {key: value / groups for key, value in total.items()}
+
+        k, per_group = 6, max(len(t["labels"]) for t in targets)
+        assert logits.shape[2] == 3 * 7 + 12 + 2 * per_group
+        repeated = [
+            {"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1)} for t in targets
+        ]
+        head = model.train_only["dense_head"]
+        stride = images.tensor.shape[-1] / memory.shape[-1]
+        padding = model.padding_mask(images, memory.shape[-2:])
+        dense = head.losses(*head(memory), padding, targets, images.image_sizes, stride)
+        expected = {
+            **loss_of(0, 7, targets, groups=3),
+            **{
+                f"{key}_o2m": value
+                for key, value in loss_of(
+                    21, 12, repeated, weight=0.5, losses=("boxes", "labels")
+                ).items()
+            },
+            **{
+                f"{key}_dn": value
+                for key, value in loss_of(
+                    33,
+                    per_group,
+                    targets,
+                    2,
+                    0.25,
+                    losses=("labels", "boxes"),
+                    identity_matches=True,
+                ).items()
+            },
+            **{key: 2.0 * value for key, value in dense.items()},
+        }
+    assert set(losses) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(losses[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_denoising_mask_keeps_every_set_to_itself():
@@ -137,20 +226,19 @@ def test_denoising_losses_use_the_query_each_target_made():
         boxes[g * 2, :2] = targets[0]["boxes"]
         boxes[g * 2 + 1, :1] = targets[1]["boxes"]
     logits = torch.zeros(groups * 2, per_group, 3)
-    outputs = {"pred_logits": logits, "pred_boxes": boxes}
-    with EventStorage(0):
-        exact = criterion(
-            {"pred_logits": logits[:2], "pred_boxes": boxes[:2]},
-            targets,
-            denoising=(outputs, groups, 1.0),
+    main = LossBranch("", {"pred_logits": logits[:2], "pred_boxes": boxes[:2]}, targets)
+
+    def denoising(boxes):
+        outputs = {"pred_logits": logits, "pred_boxes": boxes}
+        return LossBranch(
+            "_dn", outputs, targets, 1.0, groups, identity_matches=True, terms=("labels", "boxes")
         )
+
+    with EventStorage(0):
+        exact = criterion.branch_losses([main, denoising(boxes)])
         swapped = boxes.clone()
         swapped[[0, 2]] = boxes[[0, 2]].flip(1)  # query 0 <-> 1: matching would undo this
-        moved = criterion(
-            {"pred_logits": logits[:2], "pred_boxes": boxes[:2]},
-            targets,
-            denoising=({"pred_logits": logits, "pred_boxes": swapped}, groups, 1.0),
-        )
+        moved = criterion.branch_losses([main, denoising(swapped)])
     assert exact["loss_bbox_dn"] == 0 and exact["loss_giou_dn"].abs() < 1e-6
     assert moved["loss_bbox_dn"] > 0.5
     assert exact["loss_ce_dn"] > 0

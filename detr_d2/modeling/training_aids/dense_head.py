@@ -13,22 +13,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
-from .criterion import average_over_workers
-from .segmentation import sigmoid_focal_loss
+from ..box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
+from ..criterion import LossBranch, average_over_workers
+from ..segmentation import sigmoid_focal_loss
+from .base import TrainingAid, TrainingStep
 
 
-class DenseAuxHead(nn.Module):
+class DenseAuxHead(TrainingAid):
     """Two 3x3 conv + GroupNorm + ReLU layers, then per-location class logits and the distances
-    (left, top, right, bottom) from the location to its object's box edges."""
+    (left, top, right, bottom) from the location to its object's box edges. It adds no queries;
+    its branch has a loss of its own (``loss_dense_cls``, ``loss_dense_giou``)."""
 
-    def __init__(self, channels: int, num_classes: int, center_radius: float = 1.5):
+    slot = "dense_head"
+    config_key = "MODEL.DETR.DENSE_AUX"
+
+    def __init__(
+        self,
+        channels: int,
+        num_classes: int,
+        center_radius: float = 1.5,
+        loss_weight: float = 1.0,
+    ):
         """
         Args:
             channels: C of the feature map (the transformer width).
             num_classes: K.
             center_radius: a location is a positive of a box when it lies inside the box and
                 within this many strides of the box centre (FCOS centre sampling).
+            loss_weight: weight of both losses (``MODEL.DETR.DENSE_AUX.WEIGHT``).
         """
         super().__init__()
         layers = []
@@ -44,11 +56,29 @@ class DenseAuxHead(nn.Module):
         nn.init.constant_(self.cls_logits.bias, -math.log(99.0))  # focal prior p = 0.01
         self.num_classes = num_classes
         self.center_radius = center_radius
+        self.loss_weight = loss_weight
 
     def forward(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, C, H, W] -> class logits [N, K, H, W], distances [N, 4, H, W] in strides (>= 0)."""
         x = self.tower(feature)
         return self.cls_logits(x), F.softplus(self.box_distances(x))
+
+    def loss_branches(
+        self, step: TrainingStep, own: slice | None, branches: list[LossBranch]
+    ) -> list[LossBranch]:
+        """The dense branch: this head on the encoder output, scored by :meth:`losses`."""
+        cls_logits, distances = self(step.memory)
+        outputs = {
+            "cls_logits": cls_logits,
+            "distances": distances,
+            "padding": step.padding,
+            "image_sizes": step.image_sizes,
+            "stride": step.stride,
+        }
+        return [*branches, LossBranch("", outputs, step.targets, self.loss_weight, loss=self._loss)]
+
+    def _loss(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        return self.losses(targets=targets, **outputs)
 
     def losses(
         self,
@@ -113,3 +143,6 @@ class DenseAuxHead(nn.Module):
         )
         best_cost, best = cost.min(1)
         return torch.where(torch.isfinite(best_cost), best, torch.full_like(best, -1))
+
+    def extra_repr(self) -> str:
+        return f"center_radius={self.center_radius}, loss_weight={self.loss_weight}"
