@@ -34,6 +34,7 @@ from ..precision import autocast, precision_dtype, to_float32
 from .box_ops import box_xyxy_to_cxcywh
 from .criterion import SetCriterion, build_weight_dict
 from .dense_head import DenseAuxHead
+from .feature_cache import FeatureCache
 from .frozen_backbone import FoldedBackbone, has_foldable_frozen_part
 from .matcher import HungarianMatcher
 from .position_encoding import build_position_encoding
@@ -200,6 +201,7 @@ class Detr(nn.Module):
         denoising_weight: float = 1.0,
         size_divisibility_train: int = 0,
         checkpoint_init: CheckpointInit | None = None,
+        feature_cache: FeatureCache | None = None,
     ):
         """
         Args:
@@ -243,6 +245,8 @@ class Detr(nn.Module):
                 reuse its convolution kernels instead of creating new ones for every batch.
             checkpoint_init: how a checkpoint of other classes or another query count starts
                 the class head and queries (``MODEL.DETR.INIT``, :mod:`detr_d2.finetune`).
+            feature_cache: training only, the frozen backbone stages' output of each view
+                computed once (``MODEL.DETR.FEATURE_CACHE``, :mod:`.feature_cache`), or None.
             one_to_many_repeat: k, how often each target is repeated for the one-to-many set.
             one_to_many_weight: weight of the one-to-many losses relative to the plain ones.
             score_activation: "softmax" (official) or "sigmoid" (models trained with a sigmoid
@@ -346,6 +350,9 @@ class Detr(nn.Module):
         self.denoising_weight = denoising_weight
         self.size_divisibility_train = size_divisibility_train
         self.checkpoint_init = checkpoint_init or CheckpointInit()
+        if feature_cache is not None:
+            feature_cache.check_backbone(backbone)
+        self.feature_cache = feature_cache  # no module: no checkpoint keys, no state to resume
 
     def _freeze_detection(self) -> None:
         """Official stage 2 (``--frozen_weights``): only ``bbox_attention`` and ``mask_head``
@@ -445,6 +452,7 @@ class Detr(nn.Module):
             "denoising_weight": detr.DENOISING.WEIGHT,
             "size_divisibility_train": detr.SIZE_DIVISIBILITY_TRAIN,
             "checkpoint_init": CheckpointInit.from_config(cfg, layout.num_classes),
+            "feature_cache": FeatureCache.from_config(cfg),
         }
 
     @property
@@ -557,7 +565,9 @@ class Detr(nn.Module):
         pixels = images.tensor
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        if self.training and has_foldable_frozen_part(self.backbone):
+        if self.training and self.feature_cache is not None:
+            features = self.feature_cache(self.backbone, self._folded_backbone, images)
+        elif self.training and has_foldable_frozen_part(self.backbone):
             features = self._folded_backbone(self.backbone, pixels)
         else:
             features = self.backbone(pixels)
