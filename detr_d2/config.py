@@ -150,6 +150,15 @@ def add_detr_config(cfg: CN) -> None:
     # batch, as the official code). With varied image sizes every new batch shape makes oneDNN
     # create new convolution kernels; a multiple of 32 leaves a few shapes (docs/convergence.md).
     cfg.MODEL.DETR.SIZE_DIVISIBILITY_TRAIN = 0
+    # Training only: keep the frozen backbone stages' output (MODEL.BACKBONE.FREEZE_AT) of every
+    # augmented view in memory, so that a view seen again (same image, size and flip) skips them
+    # (detr_d2/modeling/feature_cache.py, measured in docs/finetuning.md).
+    cfg.MODEL.DETR.FEATURE_CACHE = CN()
+    # Cache the frozen stages' features per view (needs a bounded set of views: no INPUT.CROP).
+    cfg.MODEL.DETR.FEATURE_CACHE.ENABLED = False
+    # Memory budget in GB (10^9 bytes) per process: training stops at start when the training
+    # set's views need more (the estimate is logged), and the cache never grows beyond it.
+    cfg.MODEL.DETR.FEATURE_CACHE.MAX_MEMORY_GB = 8.0
     # Inference precision: "fp32", "bf16" (CPU with AVX512-BF16/AMX, Ampere+ GPUs), "fp16"
     # (GPU only) or "auto" (GPU: bf16 where native, else fp16; CPU: bf16 where it is native and
     # measures faster than fp32, a ~0.3 s check once per process logged with its ratio, else

@@ -33,6 +33,7 @@ from .ema import EMAHook, unwrap
 from .evaluation import EVALUATORS, coco_evaluators, cocoeval_class
 from .layout import layout_from_cfg, set_layout_keys
 from .model_report import log_model_report
+from .modeling.feature_cache import check_feature_cache
 from .modeling.inference_graph import inference_model
 from .precision import precision_dtype, resolve_auto
 from .solver import build_detr_optimizer
@@ -245,6 +246,7 @@ class DetrTrainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())  # adds the EMA hook (see build_hooks)
         self.data_sampler = getattr(self.data_loader, "resumable_sampler", None)
         log_model_report(self.model, self.cfg)
+        check_feature_cache(cfg, unwrap(self.model))  # fails before the first step
 
     def build_hooks(self):
         """Detectron2's hooks; with ``SOLVER.EMA.ENABLED`` the EMA update runs right after the

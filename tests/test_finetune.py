@@ -273,6 +273,8 @@ def test_laptop_recipe_fine_tunes_an_official_file_through_train_net(config, tmp
     )  # fmt: skip
     assert "8 training images in batches of 2 -> MAX_ITER 2" in log
     assert "face <- person" in log
+    cache_line = "Feature cache (MODEL.DETR.FEATURE_CACHE): 16 views (8 images x 1 sizes x 2 flips)"
+    assert (cache_line in log) == (variant == "r50")  # on in the R50 laptop config only
     official = safe_torch_load(str(weights))["model"]
     trained = safe_torch_load(str(out / "model_final.pth"))["model"]
     assert torch.equal(  # frozen up to res4

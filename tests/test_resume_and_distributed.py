@@ -124,7 +124,22 @@ TRAINING_AIDS = [
 ]
 
 
-@pytest.mark.parametrize("aids", [[], TRAINING_AIDS], ids=["plain", "training_aids"])
+# the frozen stages' feature cache: no state in the checkpoint, refilled with the same values
+FEATURE_CACHE = [
+    "MODEL.BACKBONE.FREEZE_AT",
+    4,
+    "MODEL.RESNETS.NORM",
+    "FrozenBN",
+    "INPUT.CROP.ENABLED",
+    False,
+    "MODEL.DETR.FEATURE_CACHE.ENABLED",
+    True,
+]
+
+
+@pytest.mark.parametrize(
+    "aids", [[], TRAINING_AIDS, FEATURE_CACHE], ids=["plain", "training_aids", "feature_cache"]
+)
 def test_sigkill_then_resume_equals_uninterrupted_run(data_opts, tmp_path, aids):
     reference = tmp_path / "uninterrupted"
     run(command(reference, *data_opts, *SCHEDULE, *aids))
@@ -153,7 +168,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(data_opts, tmp_path, aids)
     ours, theirs = final_state(killed), final_state(reference)
     assert ours["iteration"] == theirs["iteration"] == 7
     weights = [(ours["model"], theirs["model"])]  # with EMA: the averaged weights
-    if aids:
+    if aids == TRAINING_AIDS:
         assert any(k.startswith("train_only.") for k in theirs["model"])
         hooks = [s["trainer"]["hooks"]["EMAHook"] for s in (ours, theirs)]
         assert hooks[0]["updates"] == hooks[1]["updates"] == 8
@@ -199,8 +214,9 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
             "MODEL.DETR.DENSE_AUX.ENABLED",
             True,
         ],
+        FEATURE_CACHE,
     ],
-    ids=["plain", "training_aids"],
+    ids=["plain", "training_aids", "feature_cache"],
 )
 def test_two_cpu_processes_train_like_one(square_data_opts, tmp_path, aids):
     """Same total batch (4) and seed: 1 process with batch 4 vs 2 gloo processes with 2 each.
@@ -245,7 +261,7 @@ def test_two_cpu_processes_train_like_one(square_data_opts, tmp_path, aids):
     ]
     train = [[m for m in r if "total_loss" in m][-1] for r in rows]
     keys = ["total_loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_giou_0"]
-    if aids:
+    if "MODEL.DETR.DENSE_AUX.ENABLED" in aids:
         keys += ["loss_ce_o2m", "loss_bbox_o2m", "loss_dense_cls", "loss_dense_giou"]
     for key in keys:
         assert train[0][key] == pytest.approx(train[1][key], rel=1e-4), key

@@ -36,6 +36,7 @@ from .backbone import padding_mask
 from .box_ops import box_xyxy_to_cxcywh
 from .consistency import check_aids, check_criterion, check_inputs
 from .criterion import LossBranch, SetCriterion, build_criterion
+from .feature_cache import FeatureCache
 from .frozen_backbone import FoldedBackbone, has_foldable_frozen_part
 from .position_encoding import build_position_encoding
 from .postprocessing import (
@@ -129,6 +130,8 @@ class Detr(nn.Module):
             image, as the official batching): few batch shapes let oneDNN reuse its kernels.
         checkpoint_init: how a checkpoint of other classes or another query count starts the
             class head and queries (``MODEL.DETR.INIT``, :mod:`detr_d2.finetune`).
+        feature_cache: training only, the frozen backbone stages' output of each view computed
+            once (``MODEL.DETR.FEATURE_CACHE``, :mod:`.feature_cache`), or None.
     """
 
     @configurable
@@ -165,6 +168,7 @@ class Detr(nn.Module):
         training_aids: Sequence[TrainingAid] = (),
         size_divisibility_train: int = 0,
         checkpoint_init: CheckpointInit | None = None,
+        feature_cache: FeatureCache | None = None,
     ):
         """See the class docstring for the arguments."""
         super().__init__()
@@ -190,6 +194,9 @@ class Detr(nn.Module):
         self.train_only = train_only_modules(training_aids)
         self.size_divisibility_train = size_divisibility_train
         self.checkpoint_init = checkpoint_init or CheckpointInit()
+        if feature_cache is not None:
+            feature_cache.check_backbone(backbone)
+        self.feature_cache = feature_cache  # no module: no checkpoint keys, no state to resume
 
     def _build_trunk(
         self,
@@ -282,6 +289,7 @@ class Detr(nn.Module):
             "channels_last": detr.CHANNELS_LAST,
             "size_divisibility_train": detr.SIZE_DIVISIBILITY_TRAIN,
             "checkpoint_init": CheckpointInit.from_config(cfg, layout.num_classes),
+            "feature_cache": FeatureCache.from_config(cfg),
         }
 
     @property
@@ -341,7 +349,9 @@ class Detr(nn.Module):
         pixels = images.tensor
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        if self.training and has_foldable_frozen_part(self.backbone):
+        if self.training and self.feature_cache is not None:
+            features = self.feature_cache(self.backbone, self._folded_backbone, images)
+        elif self.training and has_foldable_frozen_part(self.backbone):
             features = self._folded_backbone(self.backbone, pixels)
         else:
             features = self.backbone(pixels)

@@ -34,6 +34,16 @@ def has_foldable_frozen_part(backbone: nn.Module) -> bool:
     )
 
 
+def weights_key(backbone: nn.Module) -> tuple:
+    """Changes when the backbone's frozen weights may have: a checkpoint load writes in place
+    (new versions), ``.to()`` makes new tensors; trainable parameters change every step but are
+    shared with any copy, so only their storage counts."""
+    key = []
+    for t in itertools.chain(backbone.parameters(), backbone.buffers()):
+        key.append((t.data_ptr(), t.requires_grad, None if t.requires_grad else t._version))
+    return tuple(key)
+
+
 class FoldedBackbone:
     """Callable ``(backbone, pixels) -> features`` through a copy of ``backbone`` whose frozen
     convolutions have their batch norms folded in and whose trainable parameters are the
@@ -44,23 +54,18 @@ class FoldedBackbone:
         self._copy: nn.Module | None = None
         self._key: tuple | None = None
 
-    @staticmethod
-    def _weights_key(backbone: nn.Module) -> tuple:
-        # a checkpoint load writes in place (new versions); .to() makes new tensors; trainable
-        # parameters change every step but are shared, so only their storage counts
-        key = []
-        for t in itertools.chain(backbone.parameters(), backbone.buffers()):
-            key.append((t.data_ptr(), t.requires_grad, None if t.requires_grad else t._version))
-        return tuple(key)
-
-    def __call__(self, backbone: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        key = self._weights_key(backbone)
+    def network(self, backbone: nn.Module) -> nn.Module:
+        """The folded copy of ``backbone``'s current weights, in the backbone's mode."""
+        key = weights_key(backbone)
         if key != self._key:
             shared = {id(p): p for p in backbone.parameters() if p.requires_grad}
             folded = copy.deepcopy(backbone, memo=shared)
             fold_batchnorm(folded, frozen_only=True)
             if self.channels_last:
                 folded.to(memory_format=torch.channels_last)
-            self._copy, self._key = folded, self._weights_key(backbone)
+            self._copy, self._key = folded, weights_key(backbone)
         self._copy.train(backbone.training)
-        return self._copy(pixels)
+        return self._copy
+
+    def __call__(self, backbone: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.network(backbone)(pixels)
