@@ -3,7 +3,6 @@
 # Importing `modeling` registers the DETR meta-architecture and backbone with Detectron2.
 from . import modeling
 from .checkpoint import DetrCheckpointer, convert_official_state_dict, safe_torch_load
-from .compat import let_detectron2_load_official_files
 from .config import add_detr_config
 from .layout import ClassLayout, layout_from_cfg
 
@@ -16,8 +15,3 @@ __all__ = [
     "modeling",
     "safe_torch_load",
 ]
-
-# The one class-level change: official DETR files load into our model through Detectron2's own
-# DetectionCheckpointer and DefaultPredictor; every other model loads as before (detr_d2/compat.py
-# items 1 and 2 say why it is unavoidable and why it is made here).
-let_detectron2_load_official_files()

@@ -9,7 +9,7 @@ our own ``SimpleTrainer`` subclass (item 8), the COCO evaluation backend a ``COC
 subclass (item 6), and the checkpointer a ``DetectionCheckpointer`` subclass (items 10, 11).
 
 The one class-level change (items 1 and 2), made by :func:`let_detectron2_load_official_files`
-when ``detr_d2`` is imported, so that official DETR files load through Detectron2's *own*
+when the first ``Detr`` is built (or unpickled), so that official DETR files load through Detectron2's *own*
 ``DetectionCheckpointer`` and ``DefaultPredictor``, which no subclass of ours reaches:
 
 1. Official DETR ``.pth`` files pickle an ``argparse.Namespace`` under ``args``. Since PyTorch
@@ -25,10 +25,10 @@ when ``detr_d2`` is imported, so that official DETR files load through Detectron
    ``convert_checkpoint_state_dict``, which only ``detr_d2``'s ``Detr`` does: every other model
    loads exactly as before.
 
-   Why at import and not on the first build of ``Detr``: the wrapper and the safe global act on
-   nothing but our model's loads and official files, and installing them in ``Detr``'s
-   constructor would miss models that are unpickled rather than built. Importing ``detr_d2``
-   otherwise only registers the model (``detr_d2/__init__.py``).
+   Why on the first build of ``Detr`` and not at import: importing ``detr_d2`` only registers
+   the model (``detr_d2/__init__.py``), and a process that never builds our model keeps
+   Detectron2 exactly as it is. Every checkpoint load into a ``Detr`` comes after its
+   construction (``Detr.__init__``) or unpickling (``Detr.__setstate__``), which both apply it.
 
 Helpers for private upstream details that other modules use:
 

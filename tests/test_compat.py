@@ -6,6 +6,8 @@ import ast
 import hashlib
 import inspect
 import os
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -20,6 +22,8 @@ from detr_d2 import compat
 from detr_d2.checkpoint import DetrCheckpointer
 from detr_d2.engine import DetrTrainer, _DetrAMPTrainer, _DetrSimpleTrainer
 from detr_d2.evaluation import BackendCOCOEvaluator
+
+from helpers import REPO
 
 
 def _parameters(function):
@@ -42,12 +46,40 @@ def assert_upstream_unchanged(function, expected_hash, item):
     )
 
 
-# ---------------------------------------------------------------- 1, 2: applied on import
+# ------------------------------------------------- 1, 2: applied when a Detr is built
+def test_import_registers_only_and_building_detr_applies_the_change():
+    """``import detr_d2`` leaves Detectron2's checkpointer and torch's safe globals as they are;
+    building (or unpickling) our model applies items 1 and 2."""
+    code = textwrap.dedent(
+        """
+        import argparse, pickle, sys
+        import torch
+        from detectron2.checkpoint import DetectionCheckpointer
+        sys.path.insert(0, "tests")
+        import detr_d2
+        from detr_d2 import compat
+        assert not getattr(DetectionCheckpointer._load_model, compat._MARK, False)
+        assert argparse.Namespace not in torch.serialization.get_safe_globals()
+        from helpers import build_model_no_weights, tiny_cfg
+        model = build_model_no_weights(tiny_cfg())
+        assert getattr(DetectionCheckpointer._load_model, compat._MARK, False)
+        assert argparse.Namespace in torch.serialization.get_safe_globals()
+        DetectionCheckpointer._load_model = DetectionCheckpointer._load_model.__wrapped__
+        pickle.loads(pickle.dumps(model))
+        assert getattr(DetectionCheckpointer._load_model, compat._MARK, False)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------ 1, 2
 def test_official_args_namespace_is_a_safe_global(tmp_path):
     """Also after our own safe loads, Detectron2's checkpointer (plain ``torch.load``) reads a
     file with the official ``args`` Namespace."""
     from detr_d2.checkpoint import safe_torch_load
 
+    compat.let_detectron2_load_official_files()  # as building a Detr does
     path = tmp_path / "official.pth"
     torch.save({"model": {}, "args": argparse.Namespace(lr=1e-4)}, path)
     assert safe_torch_load(str(path))["args"].lr == 1e-4
@@ -58,6 +90,7 @@ def test_official_args_namespace_is_a_safe_global(tmp_path):
 def test_checkpointer_lets_the_model_convert_first():
     """fvcore's ``_load_model(self, checkpoint)`` is wrapped once, and still drops mismatched
     shapes itself (else the wrapper would no longer be needed)."""
+    compat.let_detectron2_load_official_files()  # as building a Detr does
     assert getattr(DetectionCheckpointer._load_model, compat._MARK, False)
     assert _parameters(Checkpointer._load_model) == ["self", "checkpoint"]
     model = torch.nn.Linear(2, 3)

@@ -29,6 +29,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ..checkpoint import is_official_detr_state_dict
+from ..compat import let_detectron2_load_official_files
 from ..finetune import CheckpointInit, fit_state_dict
 from ..layout import ClassLayout, generic_layout, layout_from_cfg
 from ..precision import autocast, precision_dtype, to_float32
@@ -172,6 +173,7 @@ class Detr(nn.Module):
     ):
         """See the class docstring for the arguments."""
         super().__init__()
+        let_detectron2_load_official_files()  # official files through Detectron2's loaders
         mask_outputs = semantic_on or panoptic_on or freeze_detr
         check_inputs(backbone, in_feature, input_format, mask_on, mask_outputs, score_activation)
         check_criterion(transformer, criterion, num_classes, aux_loss, score_activation)
@@ -253,6 +255,10 @@ class Detr(nn.Module):
             for name, parameter in self.named_parameters():
                 if not name.startswith(("bbox_attention.", "mask_head.")):
                     parameter.requires_grad_(False)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        let_detectron2_load_official_files()  # an unpickled model loads as a built one
 
     @classmethod
     def from_config(cls, cfg) -> dict:
