@@ -70,10 +70,9 @@ def architecture_of_model(model: nn.Module) -> dict:
         len(modules[f"backbone.res{i}"]) for i in range(2, 6) if f"backbone.res{i}" in modules
     )
     if len(blocks) == 4:
-        bottleneck = hasattr(modules["backbone.res2"][0], "conv3")
-        arch["depth"] = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 50 if bottleneck else 34}.get(
-            blocks, _DEPTH_OF_BLOCKS.get(blocks)
-        )
+        arch["depth"] = _DEPTH_OF_BLOCKS.get(blocks)
+        if blocks == (3, 4, 6, 3) and not hasattr(modules["backbone.res2"][0], "conv3"):
+            arch["depth"] = 34  # R34 has R50's block counts, of basic (two-conv) blocks
         arch["res5_dilation"] = int(modules["backbone.res5"][-1].conv2.dilation[0])
     transformer = getattr(model, "transformer", None)
     if transformer is not None:
@@ -89,10 +88,15 @@ def architecture_of_model(model: nn.Module) -> dict:
     return {k: v for k, v in arch.items() if v is not None}
 
 
+def _as_dict(args) -> Mapping:
+    """Official training arguments: an ``argparse.Namespace``, or a dict of one."""
+    return args if isinstance(args, Mapping) else vars(args)
+
+
 def architecture_of_official_args(args) -> dict:
     """The fields of :data:`ARCHITECTURE_KEYS` from an official DETR file's training arguments
     (``argparse.Namespace`` or a dict of it)."""
-    args = vars(args) if not isinstance(args, Mapping) else args
+    args = _as_dict(args)
     arch = {}
     backbone = str(args.get("backbone", ""))
     if backbone.startswith("resnet") and backbone[len("resnet") :].isdigit():
@@ -232,11 +236,7 @@ def check_checkpoint_fits(
     declared = {}
     if official_args is not None:
         declared = architecture_of_official_args(official_args)
-        masks = masks or bool(
-            (vars(official_args) if not isinstance(official_args, Mapping) else official_args).get(
-                "masks"
-            )
-        )
+        masks = masks or bool(_as_dict(official_args).get("masks"))
     elif architecture:
         declared = dict(architecture)
     problems = _check_architecture(model_arch, declared)

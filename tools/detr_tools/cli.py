@@ -8,7 +8,6 @@ arguments; anything else is unexpected and keeps its traceback.
 """
 
 import os
-import pickle
 import sys
 from collections.abc import Callable, Sequence
 
@@ -63,9 +62,7 @@ def setup_logging(output: str | None = None) -> None:
 def user_error_message(error: BaseException) -> str | None:
     """The one line to show for a user error, or ``None`` for an unexpected one."""
     if isinstance(error, UserInputError | FileNotFoundError | IsADirectoryError):
-        return str(error)
-    if isinstance(error, pickle.UnpicklingError) and str(error).startswith("Refusing to load"):
-        return str(error)
+        return str(error)  # UserInputError includes unsafe and mismatched checkpoints
     return None
 
 
