@@ -41,6 +41,11 @@ Helpers for private upstream details that other modules use:
    public ``has_event_storage()``, so this no longer reads the private storage stack.
 5. :func:`cpu_has_native_bf16`: PyTorch has no public test for native bf16 on CPU; the private
    ``torch.ops.mkldnn._is_mkldnn_bf16_supported`` (PyTorch >= 1.13) answers it.
+   :func:`cpu_has_amx` likewise reads the private ``torch.cpu._is_amx_tile_supported``
+   (PyTorch >= 2.3) for ``MODEL.DETR.SPEED.ATTENTION_PRECISION "auto"``, and
+   :func:`fused_optimizer_device_types` the private
+   ``torch.optim.optimizer._get_fused_kernels_supported_devices`` (PyTorch >= 2.4) for the
+   fused optimizer update of ``solver.py``.
 6. ``evaluation.BackendCOCOEvaluator`` overrides ``COCOEvaluator._eval_predictions(predictions,
    img_ids)`` (the method Mask2Former's ``InstanceSegEvaluator`` overrides too) to compute AP
    with another COCOeval class (faster-coco-eval): its own code for the same steps, which passes
@@ -182,6 +187,23 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # older or oneDNN-less builds: assume not
         return False
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, on which PyTorch's bf16 attention kernels are fast."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # builds without the check: assume not
+        return False
+
+
+def fused_optimizer_device_types() -> list[str]:
+    """The device types PyTorch's optimizers have fused kernels for (CUDA only before 2.4)."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    except ImportError:
+        return ["cuda"]
+    return list(_get_fused_kernels_supported_devices())
 
 
 def detectron2_takes_cocoeval_fn() -> bool:

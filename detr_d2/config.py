@@ -37,56 +37,64 @@ def add_detr_config(cfg: CN) -> None:
     cfg.MODEL.DETR.PRE_NORM = False
     # Spatial position encoding: "sine" (official, parameter-free) or "learned" (50x50 table).
     cfg.MODEL.DETR.POSITION_EMBEDDING = "sine"
+
+    # Hungarian matcher (paper Eq. 1 and 2): costs of the class probability, L1 box and GIoU.
+    cfg.MODEL.DETR.MATCHER = CN()
+    cfg.MODEL.DETR.MATCHER.COST_CLASS = 1.0
+    cfg.MODEL.DETR.MATCHER.COST_BBOX = 5.0
+    cfg.MODEL.DETR.MATCHER.COST_GIOU = 2.0
+
+    # Set-prediction loss (detr_d2/modeling/criterion.py).
+    cfg.MODEL.DETR.LOSS = CN()
     # Auxiliary decoding losses after every decoder layer (paper Sec. 3.2, "deep supervision").
-    cfg.MODEL.DETR.DEEP_SUPERVISION = True
-
-    # Hungarian matcher costs (paper Eq. 1 and 2): class probability, L1 box, generalized IoU.
-    cfg.MODEL.DETR.COST_CLASS = 1.0
-    cfg.MODEL.DETR.COST_BBOX = 5.0
-    cfg.MODEL.DETR.COST_GIOU = 2.0
-    # Loss weights: cross-entropy, L1 box (lambda_L1) and GIoU (lambda_iou) of paper Eq. 2.
-    cfg.MODEL.DETR.CLASS_WEIGHT = 1.0
-    cfg.MODEL.DETR.L1_WEIGHT = 5.0
-    cfg.MODEL.DETR.GIOU_WEIGHT = 2.0
+    cfg.MODEL.DETR.LOSS.DEEP_SUPERVISION = True
+    # Weights of cross-entropy, L1 box (lambda_L1) and GIoU (lambda_iou) of paper Eq. 2.
+    cfg.MODEL.DETR.LOSS.CLASS_WEIGHT = 1.0
+    cfg.MODEL.DETR.LOSS.L1_WEIGHT = 5.0
+    cfg.MODEL.DETR.LOSS.GIOU_WEIGHT = 2.0
     # Down-weighting of the "no object" class in the cross-entropy (paper Sec. 3.1: factor 10).
-    cfg.MODEL.DETR.NO_OBJECT_WEIGHT = 0.1
-
-    # Convergence aids (docs/convergence.md). All but CLASS_LOSS are training-only: the inference
-    # model, its checkpoint keys and its outputs are those of plain DETR.
+    cfg.MODEL.DETR.LOSS.NO_OBJECT_WEIGHT = 0.1
     # Classification loss: "softmax" (official cross-entropy with "no object"), "focal" (sigmoid
     # focal loss, Deformable DETR) or "ia_bce" (IoU-aware BCE, Align-DETR / RF-DETR). The sigmoid
     # losses also switch the matching cost to the focal cost and inference scores to the sigmoid;
     # keep "softmax" for official checkpoints' class heads unless you fine-tune the head anew.
-    cfg.MODEL.DETR.CLASS_LOSS = "softmax"
+    cfg.MODEL.DETR.LOSS.CLASS_LOSS = "softmax"
     # alpha and gamma of the focal loss / focal matching cost (Lin et al. 2017 defaults).
-    cfg.MODEL.DETR.FOCAL_ALPHA = 0.25
-    cfg.MODEL.DETR.FOCAL_GAMMA = 2.0
+    cfg.MODEL.DETR.LOSS.FOCAL_ALPHA = 0.25
+    cfg.MODEL.DETR.LOSS.FOCAL_GAMMA = 2.0
+    # With MODEL.MASK_ON: weights of the sigmoid focal mask loss (loss_mask, alpha 0.25, gamma 2)
+    # and of the Dice loss (loss_dice); official: 1 and 1.
+    cfg.MODEL.DETR.LOSS.MASK_WEIGHT = 1.0
+    cfg.MODEL.DETR.LOSS.DICE_WEIGHT = 1.0
+
+    # Training-only convergence aids (docs/training_aids.md): the inference model, its checkpoint
+    # keys and its outputs are those of plain DETR.
+    cfg.MODEL.DETR.TRAINING_AIDS = CN()
     # Group DETR: G query groups in training (group 0 = the plain queries, used at inference),
     # each matched one-to-one, self-attention masked across groups. 1 = plain DETR.
-    cfg.MODEL.DETR.GROUPS = 1
+    cfg.MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS = 1
     # H-DETR hybrid matching: a training-only query set matched to the targets repeated REPEAT
     # times (one-to-many), its loss weighted by WEIGHT. NUM_QUERIES 0 = off.
-    cfg.MODEL.DETR.ONE_TO_MANY = CN()
-    cfg.MODEL.DETR.ONE_TO_MANY.NUM_QUERIES = 0
-    cfg.MODEL.DETR.ONE_TO_MANY.REPEAT = 6
-    cfg.MODEL.DETR.ONE_TO_MANY.WEIGHT = 1.0
+    cfg.MODEL.DETR.TRAINING_AIDS.ONE_TO_MANY = CN()
+    cfg.MODEL.DETR.TRAINING_AIDS.ONE_TO_MANY.NUM_QUERIES = 0
+    cfg.MODEL.DETR.TRAINING_AIDS.ONE_TO_MANY.REPEAT = 6
+    cfg.MODEL.DETR.TRAINING_AIDS.ONE_TO_MANY.WEIGHT = 1.0
     # DN-DETR denoising queries: GROUPS copies of the ground truth, boxes jittered by up to
     # BOX_NOISE of their size and labels flipped with probability LABEL_NOISE, enter the decoder
     # through a training-only encoder of box and label; each copy is trained to reconstruct its
     # boxes, no matching involved. Self-attention keeps them apart from the matching queries and
     # from each other. Losses weighted by WEIGHT. GROUPS 0 = off. The noise is drawn from each
-    # process's RNG (like dropout): exact on resume, not equal between 1 and 2 processes. On the
-    # sample faces it lowered AP50 (docs/convergence.md): plain DETR's queries are no boxes.
-    cfg.MODEL.DETR.DENOISING = CN()
-    cfg.MODEL.DETR.DENOISING.GROUPS = 0
-    cfg.MODEL.DETR.DENOISING.BOX_NOISE = 0.4
-    cfg.MODEL.DETR.DENOISING.LABEL_NOISE = 0.2
-    cfg.MODEL.DETR.DENOISING.WEIGHT = 1.0
+    # process's RNG (like dropout): exact on resume, not equal between 1 and 2 processes.
+    cfg.MODEL.DETR.TRAINING_AIDS.DENOISING = CN()
+    cfg.MODEL.DETR.TRAINING_AIDS.DENOISING.GROUPS = 0
+    cfg.MODEL.DETR.TRAINING_AIDS.DENOISING.BOX_NOISE = 0.4
+    cfg.MODEL.DETR.TRAINING_AIDS.DENOISING.LABEL_NOISE = 0.2
+    cfg.MODEL.DETR.TRAINING_AIDS.DENOISING.WEIGHT = 1.0
     # Dense auxiliary head (Co-DETR style, FCOS-like) on the encoder output: focal class loss and
     # GIoU box loss at every location near an object centre, weighted by WEIGHT.
-    cfg.MODEL.DETR.DENSE_AUX = CN()
-    cfg.MODEL.DETR.DENSE_AUX.ENABLED = False
-    cfg.MODEL.DETR.DENSE_AUX.WEIGHT = 1.0
+    cfg.MODEL.DETR.TRAINING_AIDS.DENSE_AUX = CN()
+    cfg.MODEL.DETR.TRAINING_AIDS.DENSE_AUX.ENABLED = False
+    cfg.MODEL.DETR.TRAINING_AIDS.DENSE_AUX.WEIGHT = 1.0
 
     # Starting from a checkpoint of other classes or another query count (fine-tuning,
     # detr_d2/finetune.py). Applied only when the checkpoint's classes or queries differ from the
@@ -111,10 +119,6 @@ def add_detr_config(cfg: CN) -> None:
     # Train only the mask head; backbone, transformer and box/class heads are frozen (official
     # second panoptic stage, --frozen_weights: load the stage-1 model through MODEL.WEIGHTS).
     cfg.MODEL.DETR.FREEZE_DETR = False
-    # Weight of the sigmoid focal mask loss (alpha 0.25, gamma 2), loss_mask (official: 1).
-    cfg.MODEL.DETR.MASK_WEIGHT = 1.0
-    # Weight of the Dice mask loss, loss_dice (official: 1).
-    cfg.MODEL.DETR.DICE_WEIGHT = 1.0
 
     cfg.MODEL.DETR.TEST = CN()
     # Return "instances" (boxes; with MASK_ON also full-resolution pred_masks; thing classes only).
@@ -128,37 +132,27 @@ def add_detr_config(cfg: CN) -> None:
     # Threshold on the sigmoid mask probability of binary instance masks (official PostProcessSegm).
     cfg.MODEL.DETR.TEST.MASK_THRESHOLD = 0.5
 
-    # Speed (docs/benchmarks.md). Backbone activations and weights in channels-last memory
-    # format (NHWC), in training and inference: faster convolutions with oneDNN and cuDNN.
-    cfg.MODEL.DETR.CHANNELS_LAST = False
-    # Compute the transformer's attention in fp32 inside bf16/fp16 autocast (training and
-    # inference): on CPUs without AMX, PyTorch's bf16 flash-attention kernel (backward above all)
-    # is 1.5-6x slower than its fp32 kernel at DETR's sizes (docs/convergence.md).
-    cfg.MODEL.DETR.ATTENTION_FP32 = False
-    # Training only: draw dropout masks (FFN, residual and attention weights) from 64-bit random
-    # words, four elements per draw, instead of one Bernoulli sample per element; keep probability
-    # within 1.6e-5 of 1 - DROPOUT, unbiased scaling (detr_d2/modeling/dropout.py). The official
-    # R50 step spends ~9 % of its CPU time drawing dropout masks (docs/benchmarks.md).
-    cfg.MODEL.DETR.FAST_DROPOUT = False
-    # Training only: run the transformer batch-first ([N, S, C]) with F.scaled_dot_product_attention
-    # on the nn.MultiheadAttention weights (same parameters and results): no layout copies around
-    # attention, ~10 % of the transformer's training step on CPU. Attention-weight dropout is
-    # SDPA's own, or FAST_DROPOUT's masks where that is on. Inference keeps the official
-    # sequence-first path, which attention capture and export use.
-    cfg.MODEL.DETR.BATCH_FIRST_TRAINING = False
-    # Pad training batches to a multiple of this many pixels (0: to the largest image of the
-    # batch, as the official code). With varied image sizes every new batch shape makes oneDNN
-    # create new convolution kernels; a multiple of 32 leaves a few shapes (docs/convergence.md).
-    cfg.MODEL.DETR.SIZE_DIVISIBILITY_TRAIN = 0
+    # Speed (docs/benchmarks.md): switches that only change how fast the same model runs.
+    cfg.MODEL.DETR.SPEED = CN()
+    # Memory format of the backbone's weights and activations, in training and inference:
+    # "channels_last" (NHWC: faster oneDNN and tensor-core cuDNN convolutions), "contiguous"
+    # (NCHW) or "auto" (channels_last on CPUs and on GPUs with tensor cores, else contiguous).
+    cfg.MODEL.DETR.SPEED.MEMORY_FORMAT = "auto"
+    # Precision of the transformer's attention inside bf16/fp16 autocast: "fp32", "autocast"
+    # (the autocast dtype) or "auto" (fp32 on CPUs without AMX, where PyTorch's bf16
+    # flash-attention kernel, backward above all, is 1.5-6x slower than its fp32 kernel at
+    # DETR's sizes; autocast elsewhere). No effect on fp32 runs.
+    cfg.MODEL.DETR.SPEED.ATTENTION_PRECISION = "auto"
     # Training only: keep the frozen backbone stages' output (MODEL.BACKBONE.FREEZE_AT) of every
     # augmented view in memory, so that a view seen again (same image, size and flip) skips them
     # (detr_d2/modeling/feature_cache.py, measured in docs/finetuning.md).
-    cfg.MODEL.DETR.FEATURE_CACHE = CN()
-    # Cache the frozen stages' features per view (needs a bounded set of views: no INPUT.CROP).
-    cfg.MODEL.DETR.FEATURE_CACHE.ENABLED = False
+    cfg.MODEL.DETR.SPEED.FEATURE_CACHE = CN()
+    # Cache the frozen stages' features per view (needs a bounded set of augmented views: no
+    # INPUT.CROP).
+    cfg.MODEL.DETR.SPEED.FEATURE_CACHE.ENABLED = False
     # Memory budget in GB (10^9 bytes) per process: training stops at start when the training
     # set's views need more (the estimate is logged), and the cache never grows beyond it.
-    cfg.MODEL.DETR.FEATURE_CACHE.MAX_MEMORY_GB = 8.0
+    cfg.MODEL.DETR.SPEED.FEATURE_CACHE.MAX_MEMORY_GB = 8.0
     # Inference precision: "fp32", "bf16" (CPU with AVX512-BF16/AMX, Ampere+ GPUs), "fp16"
     # (GPU only) or "auto" (GPU: bf16 where native, else fp16; CPU: bf16 where it is native and
     # measures faster than fp32, a ~0.3 s check once per process logged with its ratio, else
@@ -204,10 +198,6 @@ def add_detr_config(cfg: CN) -> None:
     cfg.SOLVER.EPOCHS.WARMUP = 0.0
     # Optimizer: "ADAMW" (official) or "SGD" (Detectron2's default).
     cfg.SOLVER.OPTIMIZER = "ADAMW"
-    # One fused kernel for all parameters' updates (PyTorch's fused=True) instead of a loop of
-    # small ops per parameter: the same update up to float rounding, ~10 ms less per step of the
-    # CPU sample model. Off: the official configs keep the update they always ran.
-    cfg.SOLVER.FUSED_OPTIMIZER = False
 
     # COCOeval of box/mask AP: "faster_coco_eval", "pycocotools", "auto" (the first if installed).
     cfg.TEST.COCO_EVAL_BACKEND = "auto"
@@ -222,3 +212,82 @@ def add_detr_config(cfg: CN) -> None:
     # Official crop augmentation: resize the shorter side to one of these, then crop
     # (INPUT.CROP.SIZE, "absolute_range") and resize again to INPUT.MIN_SIZE_TRAIN.
     cfg.INPUT.CROP.PRE_RESIZE = [400, 500, 600]
+
+    _register_old_keys(cfg)
+
+
+# Keys of earlier releases, grouped since by the object they build: a YAML file or command line
+# that still names one fails at merge with yacs' "Key ... was renamed to ..." error, so that no
+# setting is silently lost. Kept for one release.
+_RENAMED_KEYS = {
+    **{
+        f"MODEL.DETR.{key}": f"MODEL.DETR.MATCHER.{key}"
+        for key in ("COST_CLASS", "COST_BBOX", "COST_GIOU")
+    },
+    **{
+        f"MODEL.DETR.{key}": f"MODEL.DETR.LOSS.{key}"
+        for key in (
+            "DEEP_SUPERVISION",
+            "CLASS_WEIGHT",
+            "L1_WEIGHT",
+            "GIOU_WEIGHT",
+            "NO_OBJECT_WEIGHT",
+            "CLASS_LOSS",
+            "FOCAL_ALPHA",
+            "FOCAL_GAMMA",
+            "MASK_WEIGHT",
+            "DICE_WEIGHT",
+        )
+    },
+    "MODEL.DETR.GROUPS": "MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS",
+    "MODEL.DETR.ONE_TO_MANY": "MODEL.DETR.TRAINING_AIDS.ONE_TO_MANY",
+    "MODEL.DETR.DENOISING": "MODEL.DETR.TRAINING_AIDS.DENOISING",
+    "MODEL.DETR.DENSE_AUX": "MODEL.DETR.TRAINING_AIDS.DENSE_AUX",
+    "MODEL.DETR.FEATURE_CACHE": "MODEL.DETR.SPEED.FEATURE_CACHE",
+    "MODEL.DETR.CHANNELS_LAST": "MODEL.DETR.SPEED.MEMORY_FORMAT",
+    "MODEL.DETR.ATTENTION_FP32": "MODEL.DETR.SPEED.ATTENTION_PRECISION",
+}
+# Switches that became the behaviour (their results were the same): ignored with a warning.
+# FAST_DROPOUT, BATCH_FIRST_TRAINING: training always runs batch-first with the cheaper dropout
+# masks; SIZE_DIVISIBILITY_TRAIN: training batches are always padded to a multiple of 32;
+# SOLVER.FUSED_OPTIMIZER: the optimizer always uses PyTorch's fused update where it exists.
+_DELETED_KEYS = (
+    "MODEL.DETR.FAST_DROPOUT",
+    "MODEL.DETR.BATCH_FIRST_TRAINING",
+    "MODEL.DETR.SIZE_DIVISIBILITY_TRAIN",
+    "SOLVER.FUSED_OPTIMIZER",
+)
+_VALUE_HINTS = {
+    "MODEL.DETR.CHANNELS_LAST": 'values "auto", "channels_last", "contiguous"',
+    "MODEL.DETR.ATTENTION_FP32": 'values "auto", "fp32", "autocast"',
+}
+
+
+def _register_old_keys(cfg: CN) -> None:
+    """Register :data:`_RENAMED_KEYS` (a renamed node with each of its keys, so that both YAML
+    nesting and ``opts`` lists name the new key) and :data:`_DELETED_KEYS` on ``cfg``."""
+    for old, new in _RENAMED_KEYS.items():
+        hint = _VALUE_HINTS.get(old)
+        cfg.register_renamed_key(old, new, message=hint)
+        node = _lookup(cfg, new)
+        if isinstance(node, CN):
+            for key in _leaf_keys(node):
+                cfg.register_renamed_key(f"{old}.{key}", f"{new}.{key}")
+    for old in _DELETED_KEYS:
+        cfg.register_deprecated_key(old)
+
+
+def _lookup(cfg: CN, dotted: str):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _leaf_keys(node: CN, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        if isinstance(value, CN):
+            keys += _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(prefix + key)
+    return keys

@@ -174,7 +174,7 @@ class _DetrAMPTrainer(NonFiniteLossCheck, SimpleTrainer):
 
     def run_step(self):
         # PyTorch's recipe (docs "Automatic Mixed Precision", typical training step): autocast
-        # the forward only; the scaler unscales before the optimizer's full-model clipping
+        # the forward only; unscale before the optimizer's full-model clipping
         assert self.model.training, "[_DetrAMPTrainer] model was changed to eval mode!"
         start = time.perf_counter()
         data = next(self._data_loader_iter)
@@ -186,6 +186,9 @@ class _DetrAMPTrainer(NonFiniteLossCheck, SimpleTrainer):
         self.grad_scaler.scale(losses).backward()
         self.after_backward()
         self._write_metrics(loss_dict, data_time)  # stops on non-finite terms before the step
+        # unscaled here, as the recipe for clipping says: a fused optimizer's step would
+        # otherwise receive the scale and clip scaled gradients
+        self.grad_scaler.unscale_(self.optimizer)
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
 

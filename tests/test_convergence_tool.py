@@ -28,14 +28,18 @@ SPEC = {
     "overrides": ["SOLVER.MAX_ITER", "20"],
     "eval_sets": ["held", "val"],
     "seeds": [1, 2],
-    "variants": {"plain": [], "groups": ["MODEL.DETR.GROUPS", "4"]},
+    "variants": {"plain": [], "groups": ["MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS", "4"]},
 }
 
 
 def test_speeds_come_from_one_interleaved_comparison():
     command = speed_command(SPEC, "plain", ["groups"], 12, "/tmp/x.json")
     compare = command.index("--compare")
-    assert command[compare : compare + 3] == ["--compare", "groups", "MODEL.DETR.GROUPS 4"]
+    assert command[compare : compare + 3] == [
+        "--compare",
+        "groups",
+        "MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS 4",
+    ]
     assert command[-2:] == ["SOLVER.MAX_ITER", "20"]  # the spec's overrides on the base config
     record = {
         "variants": {
@@ -66,7 +70,11 @@ def test_speed_of_a_baseline_without_runs_is_measured(monkeypatch):
     speeds = convergence.measure_speed(SPEC, ["groups"], 5, "plain")  # only "groups" has runs
     assert speeds == {"plain": 0.2, "groups": pytest.approx(0.25)}
     compare = commands[0].index("--compare")  # plain is the config, groups compared with it
-    assert commands[0][compare : compare + 3] == ["--compare", "groups", "MODEL.DETR.GROUPS 4"]
+    assert commands[0][compare : compare + 3] == [
+        "--compare",
+        "groups",
+        "MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS 4",
+    ]
 
 
 def write_run(root, variant, seed, ap50_held):
@@ -93,7 +101,7 @@ def test_train_command_adds_overrides_variant_seed_and_output(tmp_path):
     assert command[-8:] == [
         "SOLVER.MAX_ITER",
         "20",
-        "MODEL.DETR.GROUPS",
+        "MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS",
         "4",
         "SEED",
         "2",

@@ -160,7 +160,7 @@ def test_own_checkpoint_seeds_by_stored_names_and_resumes_as_is(tmp_path):
 
 
 def test_parameter_groups_carry_the_part_learning_rates():
-    cfg = tiny_cfg(GROUPS=2)
+    cfg = tiny_cfg("MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS", 2)
     cfg.SOLVER.BASE_LR = 1e-4
     cfg.SOLVER.LR_FACTORS.update(
         BACKBONE=0.01, ENCODER=0.5, DECODER=0.25, HEADS=2.0, TRAINING_AIDS=3.0
@@ -273,7 +273,9 @@ def test_laptop_recipe_fine_tunes_an_official_file_through_train_net(config, tmp
     )  # fmt: skip
     assert "8 training images in batches of 2 -> MAX_ITER 2" in log
     assert "face <- person" in log
-    cache_line = "Feature cache (MODEL.DETR.FEATURE_CACHE): 16 views (8 images x 1 sizes x 2 flips)"
+    cache_line = (
+        "Feature cache (MODEL.DETR.SPEED.FEATURE_CACHE): 16 views (8 images x 1 sizes x 2 flips)"
+    )
     assert (cache_line in log) == (variant == "r50")  # on in the R50 laptop config only
     official = safe_torch_load(str(weights))["model"]
     trained = safe_torch_load(str(out / "model_final.pth"))["model"]

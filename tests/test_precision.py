@@ -54,7 +54,7 @@ def test_bf16_training_losses_in_fp32_and_equivalent_to_fp32():
 
     cfg.SOLVER.AMP.ENABLED = True
     cfg.SOLVER.AMP.PRECISION = "bf16"
-    cfg.MODEL.DETR.CHANNELS_LAST = True
+    cfg.MODEL.DETR.SPEED.MEMORY_FORMAT = "channels_last"
     bf16, dtypes, trainer = one_step_losses(cfg, batch, steps=12)
     # the network ran under autocast, yet matching and losses saw fp32 outside autocast
     assert dtypes == {torch.float32}
@@ -159,8 +159,8 @@ def test_train_net_bf16_fast_paths_train_resume_and_evaluate(tmp_path):
         "True",
         "SOLVER.AMP.PRECISION",
         "bf16",
-        "MODEL.DETR.CHANNELS_LAST",
-        "True",
+        "MODEL.DETR.SPEED.MEMORY_FORMAT",
+        "channels_last",
         "TEST.PRECISION",
         "bf16",
         "TEST.FOLD_BATCHNORM",

@@ -107,15 +107,15 @@ SCHEDULE = [
 # every training-only convergence aid, each with its own state (queries, EMA, dense head,
 # denoising encoder and its noise), and the grouped sample stream
 TRAINING_AIDS = [
-    "MODEL.DETR.GROUPS",
+    "MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS",
     3,
-    "MODEL.DETR.ONE_TO_MANY.NUM_QUERIES",
+    "MODEL.DETR.TRAINING_AIDS.ONE_TO_MANY.NUM_QUERIES",
     12,
-    "MODEL.DETR.CLASS_LOSS",
+    "MODEL.DETR.LOSS.CLASS_LOSS",
     "ia_bce",
-    "MODEL.DETR.DENSE_AUX.ENABLED",
+    "MODEL.DETR.TRAINING_AIDS.DENSE_AUX.ENABLED",
     True,
-    "MODEL.DETR.DENOISING.GROUPS",  # its noise comes from the RNG state the checkpoint keeps
+    "MODEL.DETR.TRAINING_AIDS.DENOISING.GROUPS",  # its noise comes from the RNG state the checkpoint keeps
     2,
     "SOLVER.EMA.ENABLED",
     True,
@@ -132,7 +132,7 @@ FEATURE_CACHE = [
     "FrozenBN",
     "INPUT.CROP.ENABLED",
     False,
-    "MODEL.DETR.FEATURE_CACHE.ENABLED",
+    "MODEL.DETR.SPEED.FEATURE_CACHE.ENABLED",
     True,
 ]
 
@@ -205,13 +205,13 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     [
         [],
         [
-            "MODEL.DETR.GROUPS",
+            "MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS",
             3,
-            "MODEL.DETR.ONE_TO_MANY.NUM_QUERIES",
+            "MODEL.DETR.TRAINING_AIDS.ONE_TO_MANY.NUM_QUERIES",
             12,
-            "MODEL.DETR.CLASS_LOSS",
+            "MODEL.DETR.LOSS.CLASS_LOSS",
             "focal",
-            "MODEL.DETR.DENSE_AUX.ENABLED",
+            "MODEL.DETR.TRAINING_AIDS.DENSE_AUX.ENABLED",
             True,
         ],
         FEATURE_CACHE,
@@ -261,7 +261,7 @@ def test_two_cpu_processes_train_like_one(square_data_opts, tmp_path, aids):
     ]
     train = [[m for m in r if "total_loss" in m][-1] for r in rows]
     keys = ["total_loss", "loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_giou_0"]
-    if "MODEL.DETR.DENSE_AUX.ENABLED" in aids:
+    if "MODEL.DETR.TRAINING_AIDS.DENSE_AUX.ENABLED" in aids:
         keys += ["loss_ce_o2m", "loss_bbox_o2m", "loss_dense_cls", "loss_dense_giou"]
     for key in keys:
         assert train[0][key] == pytest.approx(train[1][key], rel=1e-4), key

@@ -2,6 +2,7 @@ import pytest
 import torch
 from detectron2.modeling import build_model
 
+from detr_d2 import solver
 from detr_d2.solver import build_detr_optimizer
 
 from helpers import tiny_cfg
@@ -96,18 +97,23 @@ def test_non_finite_loss_stops_before_the_step_and_names_the_term():
     assert model.w.item() == 1.0  # the optimizer did not step
 
 
-def test_fused_optimizer_gives_the_same_updates():
-    """SOLVER.FUSED_OPTIMIZER: PyTorch's fused AdamW, full-model clipping kept, the same weights
-    as the per-parameter loop after several steps (up to float rounding)."""
+def test_fused_optimizer_gives_the_same_updates(monkeypatch):
+    """The optimizer is PyTorch's fused AdamW (SGD too) wherever PyTorch has it, full-model
+    clipping kept: the same weights as the per-parameter loop after several steps (up to float
+    rounding)."""
     cfg = tiny_cfg()
     torch.manual_seed(0)
     models = [build_model(cfg) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    optimizers = []
-    for fused, model in zip((False, True), models):
-        cfg.SOLVER.FUSED_OPTIMIZER = fused
-        optimizers.append(build_detr_optimizer(cfg, model))
-    assert optimizers[1].defaults["fused"] and not optimizers[0].defaults.get("fused")
+    fused = build_detr_optimizer(cfg, models[1])
+    assert fused.defaults["fused"]
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    assert build_detr_optimizer(cfg, models[1]).defaults["fused"]
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    monkeypatch.setattr(solver, "_fused_update_exists", lambda *_: False)
+    looped = build_detr_optimizer(cfg, models[0])
+    assert not looped.defaults.get("fused")
+    optimizers = [looped, fused]
     for _ in range(3):
         grads = {n: torch.randn_like(p) for n, p in models[0].named_parameters() if p.requires_grad}
         for model, optimizer in zip(models, optimizers):

@@ -3,7 +3,7 @@
 
     python tools/benchmark.py --config-file configs/detr_r50.yaml --task inference
     python tools/benchmark.py --config-file configs/detr_r50.yaml --task inference \
-        --precision bf16 TEST.FOLD_BATCHNORM True MODEL.DETR.CHANNELS_LAST True
+        --precision bf16 MODEL.DETR.SPEED.MEMORY_FORMAT contiguous
     python tools/benchmark.py --config-file configs/detr_face_sample.yaml --task train \
         --input dataset --precision bf16
     python tools/benchmark.py --config-file configs/detr_r50.yaml --task inference \
@@ -30,8 +30,8 @@ interleaved call by call, and reports each variant's median ratio to ``base`` ov
 on a machine whose speed drifts, that resolves a 10 % change where separate runs do not::
 
     python tools/benchmark.py --config-file configs/detr_face_sample.yaml --task train \
-        --input dataset --iters 20 --compare fp32_attention_off "MODEL.DETR.ATTENTION_FP32 False" \
-        --compare looped_adamw "SOLVER.FUSED_OPTIMIZER False"
+        --input dataset --iters 20 --compare bf16_attention "MODEL.DETR.SPEED.ATTENTION_PRECISION autocast" \
+        --compare nchw "MODEL.DETR.SPEED.MEMORY_FORMAT contiguous"
 Arguments after the options are config overrides (``KEY VALUE`` pairs).
 """
 

@@ -35,7 +35,7 @@ def check_inputs(
         )
     if score_activation == "sigmoid" and mask_on:
         raise ValueError(
-            "MODEL.DETR.CLASS_LOSS focal/ia_bce (sigmoid scores) is not supported with "
+            "MODEL.DETR.LOSS.CLASS_LOSS focal/ia_bce (sigmoid scores) is not supported with "
             "MODEL.MASK_ON: panoptic inference follows the official softmax scores."
         )
 
@@ -53,7 +53,7 @@ def check_criterion(
     if aux_loss is not None and bool(aux_loss) != deep:
         raise ValueError(
             f"aux_loss={aux_loss} but the transformer has return_intermediate_dec={deep}: deep "
-            "supervision is the transformer's setting (MODEL.DETR.DEEP_SUPERVISION). Leave "
+            "supervision is the transformer's setting (MODEL.DETR.LOSS.DEEP_SUPERVISION). Leave "
             "aux_loss out, or build the transformer with the same value."
         )
     expected, weighted = num_aux_layers(transformer), criterion.num_aux_layers()

@@ -154,7 +154,7 @@ class SetCriterion(nn.Module):
             )
         if class_loss not in CLASS_LOSSES:
             raise ValueError(
-                f"MODEL.DETR.CLASS_LOSS must be one of {CLASS_LOSSES}, got {class_loss!r}."
+                f"MODEL.DETR.LOSS.CLASS_LOSS must be one of {CLASS_LOSSES}, got {class_loss!r}."
             )
         self.num_classes = num_classes
         self.matcher = matcher
@@ -449,36 +449,36 @@ def build_weight_dict(base: dict[str, float], num_aux_layers: int) -> dict[str, 
 
 
 def build_criterion(cfg, num_classes: int, num_aux_layers: int) -> SetCriterion:
-    """The set criterion of ``cfg``: the Hungarian matcher with the ``MODEL.DETR.COST_*`` costs,
-    the ``*_WEIGHT`` loss weights of the final and the ``num_aux_layers`` auxiliary decoder
+    """The set criterion of ``cfg``: the Hungarian matcher of ``MODEL.DETR.MATCHER``, the
+    ``MODEL.DETR.LOSS`` weights of the final and the ``num_aux_layers`` auxiliary decoder
     layers, and the mask terms with ``MODEL.MASK_ON``."""
-    detr = cfg.MODEL.DETR
+    loss, costs = cfg.MODEL.DETR.LOSS, cfg.MODEL.DETR.MATCHER
     # the sigmoid class losses match with the focal cost (Deformable DETR)
-    class_cost = "softmax" if detr.CLASS_LOSS == "softmax" else "focal"
+    class_cost = "softmax" if loss.CLASS_LOSS == "softmax" else "focal"
     matcher = HungarianMatcher(
-        cost_class=detr.COST_CLASS,
-        cost_bbox=detr.COST_BBOX,
-        cost_giou=detr.COST_GIOU,
+        cost_class=costs.COST_CLASS,
+        cost_bbox=costs.COST_BBOX,
+        cost_giou=costs.COST_GIOU,
         class_cost=class_cost,
-        focal_alpha=detr.FOCAL_ALPHA,
-        focal_gamma=detr.FOCAL_GAMMA,
+        focal_alpha=loss.FOCAL_ALPHA,
+        focal_gamma=loss.FOCAL_GAMMA,
     )
     base_weights = {
-        "loss_ce": detr.CLASS_WEIGHT,
-        "loss_bbox": detr.L1_WEIGHT,
-        "loss_giou": detr.GIOU_WEIGHT,
+        "loss_ce": loss.CLASS_WEIGHT,
+        "loss_bbox": loss.L1_WEIGHT,
+        "loss_giou": loss.GIOU_WEIGHT,
     }
     losses = ("labels", "boxes")
     if cfg.MODEL.MASK_ON:
-        base_weights.update(loss_mask=detr.MASK_WEIGHT, loss_dice=detr.DICE_WEIGHT)
+        base_weights.update(loss_mask=loss.MASK_WEIGHT, loss_dice=loss.DICE_WEIGHT)
         losses += ("masks",)
     return SetCriterion(
         num_classes,
         matcher=matcher,
         weight_dict=build_weight_dict(base_weights, num_aux_layers),
-        eos_coef=detr.NO_OBJECT_WEIGHT,
+        eos_coef=loss.NO_OBJECT_WEIGHT,
         losses=losses,
-        class_loss=detr.CLASS_LOSS,
-        focal_alpha=detr.FOCAL_ALPHA,
-        focal_gamma=detr.FOCAL_GAMMA,
+        class_loss=loss.CLASS_LOSS,
+        focal_alpha=loss.FOCAL_ALPHA,
+        focal_gamma=loss.FOCAL_GAMMA,
     )

@@ -32,8 +32,8 @@ from ..checkpoint import is_official_detr_state_dict
 from ..compat import let_detectron2_load_official_files
 from ..finetune import CheckpointInit, fit_state_dict
 from ..layout import ClassLayout, generic_layout, layout_from_cfg
-from ..precision import autocast, precision_dtype, to_float32
-from .backbone import padding_mask
+from ..precision import autocast, precision_dtype, to_float32, use_channels_last
+from .backbone import TRAIN_SIZE_DIVISIBILITY, padding_mask
 from .box_ops import box_xyxy_to_cxcywh
 from .consistency import check_aids, check_criterion, check_inputs
 from .criterion import LossBranch, SetCriterion, build_criterion
@@ -127,12 +127,10 @@ class Detr(nn.Module):
         channels_last: backbone weights and inputs in channels-last (NHWC) memory format.
         training_aids: training-only parts (:mod:`.training_aids`, box models only), kept
             under ``train_only``; inference runs without them.
-        size_divisibility_train: pad training batches to a multiple of this (0: to the largest
-            image, as the official batching): few batch shapes let oneDNN reuse its kernels.
         checkpoint_init: how a checkpoint of other classes or another query count starts the
             class head and queries (``MODEL.DETR.INIT``, :mod:`detr_d2.finetune`).
         feature_cache: training only, the frozen backbone stages' output of each view computed
-            once (``MODEL.DETR.FEATURE_CACHE``, :mod:`.feature_cache`), or None.
+            once (``MODEL.DETR.SPEED.FEATURE_CACHE``, :mod:`.feature_cache`), or None.
     """
 
     @configurable
@@ -167,7 +165,6 @@ class Detr(nn.Module):
         channels_last: bool = False,
         # training only
         training_aids: Sequence[TrainingAid] = (),
-        size_divisibility_train: int = 0,
         checkpoint_init: CheckpointInit | None = None,
         feature_cache: FeatureCache | None = None,
     ):
@@ -194,7 +191,6 @@ class Detr(nn.Module):
         self.test_precision = test_precision
         # parts that exist only for training; the inference model drops them (inference_graph)
         self.train_only = train_only_modules(training_aids)
-        self.size_divisibility_train = size_divisibility_train
         self.checkpoint_init = checkpoint_init or CheckpointInit()
         if feature_cache is not None:
             feature_cache.check_backbone(backbone)
@@ -291,9 +287,8 @@ class Detr(nn.Module):
             "class_layout": layout,
             "panoptic_threshold": detr.TEST.PANOPTIC_THRESHOLD,
             "mask_threshold": detr.TEST.MASK_THRESHOLD,
-            "score_activation": "softmax" if detr.CLASS_LOSS == "softmax" else "sigmoid",
-            "channels_last": detr.CHANNELS_LAST,
-            "size_divisibility_train": detr.SIZE_DIVISIBILITY_TRAIN,
+            "score_activation": "softmax" if detr.LOSS.CLASS_LOSS == "softmax" else "sigmoid",
+            "channels_last": use_channels_last(detr.SPEED.MEMORY_FORMAT, cfg.MODEL.DEVICE),
             "checkpoint_init": CheckpointInit.from_config(cfg, layout.num_classes),
             "feature_cache": FeatureCache.from_config(cfg),
         }
@@ -336,8 +331,9 @@ class Detr(nn.Module):
 
     # ---------------------------------------------------------------- shared trunk
     def preprocess_image(self, batched_inputs: list[dict]) -> ImageList:
-        """Normalize, reorder to RGB and zero-pad at the bottom/right (no size divisibility, as
-        the official batching); ``image_sizes`` keep the unpadded sizes."""
+        """Normalize, reorder to RGB and zero-pad at the bottom/right (inference: to the largest
+        image, as the official batching; training: to a multiple of
+        :data:`~.backbone.TRAIN_SIZE_DIVISIBILITY`); ``image_sizes`` keep the unpadded sizes."""
         images = [
             (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
         ]
@@ -345,7 +341,7 @@ class Detr(nn.Module):
             images = [x.flip(0) for x in images]
         divisibility = self.backbone.size_divisibility
         if self.training:
-            divisibility = max(divisibility, self.size_divisibility_train)
+            divisibility = max(divisibility, TRAIN_SIZE_DIVISIBILITY)
         return ImageList.from_tensors(images, divisibility)
 
     padding_mask = staticmethod(padding_mask)

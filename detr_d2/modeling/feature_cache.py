@@ -33,7 +33,8 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ..data.augmentation import DetrResizeShortestEdge
-from ..precision import precision_dtype
+from ..precision import precision_dtype, use_channels_last
+from .backbone import TRAIN_SIZE_DIVISIBILITY
 from .frozen_backbone import FoldedBackbone, has_foldable_frozen_part, weights_key
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def _stack_padded(maps: list[torch.Tensor]) -> torch.Tensor:
 class FeatureCache:
     """Callable ``(backbone, folded, images) -> features`` (the backbone's outputs, as
     ``backbone(images.tensor)`` returns them) in training, with the frozen stages' output of
-    each view computed once (``MODEL.DETR.FEATURE_CACHE``)."""
+    each view computed once (``MODEL.DETR.SPEED.FEATURE_CACHE``)."""
 
     def __init__(self, *, max_bytes: int, size_divisibility: int = 0, channels_last: bool = False):
         """
@@ -97,7 +98,7 @@ class FeatureCache:
                 each time, with one warning).
             size_divisibility: each image is padded to a multiple of this (and of the
                 backbone's own) before the frozen stages, as the training batches are.
-            channels_last: run the frozen stages on channels-last inputs (``CHANNELS_LAST``).
+            channels_last: run the frozen stages on channels-last inputs (``SPEED.MEMORY_FORMAT``).
         """
         self.max_bytes = int(max_bytes)
         self.size_divisibility = size_divisibility
@@ -111,35 +112,35 @@ class FeatureCache:
 
     @classmethod
     def from_config(cls, cfg: CfgNode) -> "FeatureCache | None":
-        """The cache of ``MODEL.DETR.FEATURE_CACHE``, or None when it is off."""
-        node = cfg.MODEL.DETR.FEATURE_CACHE
+        """The cache of ``MODEL.DETR.SPEED.FEATURE_CACHE``, or None when it is off."""
+        node = cfg.MODEL.DETR.SPEED.FEATURE_CACHE
         if not node.ENABLED:
             return None
         if cfg.INPUT.CROP.ENABLED:
             raise ValueError(
-                "MODEL.DETR.FEATURE_CACHE.ENABLED needs a bounded set of augmented views, but "
+                "MODEL.DETR.SPEED.FEATURE_CACHE.ENABLED needs a bounded set of augmented views, but "
                 "INPUT.CROP.ENABLED is True: random crops make a new view at every epoch, which "
                 "a cache cannot reuse. Set INPUT.CROP.ENABLED False or "
-                "MODEL.DETR.FEATURE_CACHE.ENABLED False."
+                "MODEL.DETR.SPEED.FEATURE_CACHE.ENABLED False."
             )
         if node.MAX_MEMORY_GB <= 0:
             raise ValueError(
-                f"MODEL.DETR.FEATURE_CACHE.MAX_MEMORY_GB must be > 0, got {node.MAX_MEMORY_GB}."
+                f"MODEL.DETR.SPEED.FEATURE_CACHE.MAX_MEMORY_GB must be > 0, got {node.MAX_MEMORY_GB}."
             )
         return cls(
             max_bytes=int(node.MAX_MEMORY_GB * _GB),
-            size_divisibility=cfg.MODEL.DETR.SIZE_DIVISIBILITY_TRAIN,
-            channels_last=cfg.MODEL.DETR.CHANNELS_LAST,
+            size_divisibility=TRAIN_SIZE_DIVISIBILITY,
+            channels_last=use_channels_last(cfg.MODEL.DETR.SPEED.MEMORY_FORMAT, cfg.MODEL.DEVICE),
         )
 
     def check_backbone(self, backbone: nn.Module) -> None:
         """Raise ValueError unless ``backbone`` is a ResNet with frozen leading stages."""
         if not frozen_stages(backbone):
             raise ValueError(
-                "MODEL.DETR.FEATURE_CACHE.ENABLED caches the frozen stages of a ResNet backbone, "
+                "MODEL.DETR.SPEED.FEATURE_CACHE.ENABLED caches the frozen stages of a ResNet backbone, "
                 f"but {type(backbone).__name__} has none (MODEL.BACKBONE.FREEZE_AT "
                 "0, or not a ResNet): freeze stages with MODEL.BACKBONE.FREEZE_AT >= 1, or set "
-                "MODEL.DETR.FEATURE_CACHE.ENABLED False."
+                "MODEL.DETR.SPEED.FEATURE_CACHE.ENABLED False."
             )
 
     def __deepcopy__(self, memo) -> "FeatureCache":
@@ -229,7 +230,7 @@ class FeatureCache:
             self._warned_full = True
             logger.warning(
                 f"Feature cache full ({self.bytes / _GB:.2f} GB, "
-                "MODEL.DETR.FEATURE_CACHE.MAX_MEMORY_GB): views not cached yet run the frozen "
+                "MODEL.DETR.SPEED.FEATURE_CACHE.MAX_MEMORY_GB): views not cached yet run the frozen "
                 "stages every time."
             )
         return entry
@@ -252,7 +253,7 @@ def check_feature_cache(
 ) -> None:
     """At the start of training: estimate the memory the cache of ``model`` (if any) needs for
     every view of ``dataset_dicts`` (default: those of ``DATASETS.TRAIN``), log it, and raise
-    ValueError naming ``MODEL.DETR.FEATURE_CACHE.MAX_MEMORY_GB`` when it exceeds the budget."""
+    ValueError naming ``MODEL.DETR.SPEED.FEATURE_CACHE.MAX_MEMORY_GB`` when it exceeds the budget."""
     cache = getattr(model, "feature_cache", None)
     if cache is None:
         return
@@ -281,14 +282,14 @@ def check_feature_cache(
                 total += flips * channels * area * element_size
     views = len(dataset_dicts) * len(sizes) * flips
     message = (
-        f"Feature cache (MODEL.DETR.FEATURE_CACHE): {views} views ({len(dataset_dicts)} images x "
+        f"Feature cache (MODEL.DETR.SPEED.FEATURE_CACHE): {views} views ({len(dataset_dicts)} images x "
         f"{len(sizes)} sizes x {flips} flips) of {'+'.join(names)} in {str(dtype)[6:]}: "
         f"{total / _GB:.2f} GB at most, budget {cache.max_bytes / _GB:.2f} GB."
     )
     if total > cache.max_bytes:
         raise ValueError(
-            f"{message} It does not fit: raise MODEL.DETR.FEATURE_CACHE.MAX_MEMORY_GB if the "
+            f"{message} It does not fit: raise MODEL.DETR.SPEED.FEATURE_CACHE.MAX_MEMORY_GB if the "
             "machine has the memory, make fewer views (INPUT.MIN_SIZE_TRAIN sizes, "
-            "INPUT.RANDOM_FLIP), or set MODEL.DETR.FEATURE_CACHE.ENABLED False."
+            "INPUT.RANDOM_FLIP), or set MODEL.DETR.SPEED.FEATURE_CACHE.ENABLED False."
         )
     logger.info(message)

@@ -19,7 +19,7 @@ from .box_ops import box_cxcywh_to_xyxy
 def class_probabilities(pred_logits: torch.Tensor, activation: str = "softmax") -> torch.Tensor:
     """[..., K+1] logits -> [..., K] class probabilities without "no object": the softmax over
     all K + 1 logits (official DETR), or the sigmoid of the K class logits for models trained
-    with a sigmoid classification loss (``MODEL.DETR.CLASS_LOSS`` focal / ia_bce)."""
+    with a sigmoid classification loss (``MODEL.DETR.LOSS.CLASS_LOSS`` focal / ia_bce)."""
     if activation == "softmax":
         return F.softmax(pred_logits.float(), dim=-1)[..., :-1]
     return pred_logits[..., :-1].float().sigmoid()

@@ -1,15 +1,14 @@
 """The DETR encoder-decoder transformer (paper Sec. 3.2, Fig. 10).
 
-Sequence-first layout, as ``nn.MultiheadAttention`` expects by default:
-    S = H*W memory tokens (feature map flattened row-major, padded positions included),
-    Q = object queries, N = batch, C = hidden dim.
-With ``batch_first_training`` the training forward runs batch-first ([N, S, C]) instead, with
-``F.scaled_dot_product_attention`` on the same ``nn.MultiheadAttention`` weights: the CPU flash
-kernel's output is laid out [N, S, heads, head_dim], so batch-first needs no copy to put it
-back, where the sequence-first path copies around every attention. Same parameters, same
-results; inference keeps the official path (attention capture hooks and export rely on it).
-Module and parameter names follow the official implementation, so official checkpoints load
-without renaming the transformer.
+Inference runs the official sequence-first layout, as ``nn.MultiheadAttention`` expects by
+default (S = H*W memory tokens, feature map flattened row-major, padded positions included;
+Q = object queries; N = batch; C = hidden dim): attention capture hooks and export read those
+module calls. Training runs batch-first ([N, S, C]) on the same ``nn.MultiheadAttention``
+weights with :func:`training_attention`: the CPU flash kernel's output is laid out
+[N, S, heads, head_dim], so batch-first needs no copy to put it back where the sequence-first
+path copies around every attention, and dropout masks come from :mod:`.dropout`. Same
+parameters, same results up to float rounding (tested). Module and parameter names follow the
+official implementation, so official checkpoints load without renaming the transformer.
 """
 
 import copy
@@ -18,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dropout import FastDropout, attention_with_fast_dropout, in_projections
+from ..precision import attention_in_fp32
+from .dropout import FastDropout, in_projections, keep_mask
 
 
 def _with_pos(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
@@ -32,32 +32,19 @@ def _clones(module: nn.Module, n: int) -> nn.ModuleList:
 def _attention(
     layer: nn.Module, attn: nn.MultiheadAttention, query, key, value, batch_first=False, **kwargs
 ):
-    """``attn(query, key, value, need_weights=False, **kwargs)[0]`` as ``layer`` asks: with
-    ``layer.attention_fp32`` inside an autocast region, computed in fp32 (PyTorch's CPU
-    flash-attention kernel is 1.5-6x slower in bf16 than in fp32 on CPUs without AMX, measured in
-    docs/convergence.md); with ``layer.fast_dropout`` and attention dropout in training, with the
-    cheaper dropout mask of ``dropout.py``."""
+    """``attn(query, key, value, need_weights=False, **kwargs)[0]``, batch-first in training
+    (:func:`training_attention`); with ``layer.attention_fp32`` inside an autocast region,
+    computed in fp32 (``MODEL.DETR.SPEED.ATTENTION_PRECISION``)."""
     if layer.attention_fp32 and torch.is_autocast_enabled(query.device.type):
         with torch.autocast(query.device.type, enabled=False):
-            return _attend(
-                layer, attn, query.float(), key.float(), value.float(), batch_first, **kwargs
-            )
-    return _attend(layer, attn, query, key, value, batch_first, **kwargs)
-
-
-def _attend(
-    layer: nn.Module, attn: nn.MultiheadAttention, query, key, value, batch_first, **kwargs
-):
-    if layer.fast_dropout and attn.training and attn.dropout > 0.0:
-        return attention_with_fast_dropout(
-            attn, query, key, value, batch_first=batch_first, **kwargs
-        )
+            query, key, value = query.float(), key.float(), value.float()
+            return _attention(layer, attn, query, key, value, batch_first, **kwargs)
     if batch_first:
-        return batch_first_attention(attn, query, key, value, **kwargs)
+        return training_attention(attn, query, key, value, **kwargs)
     return attn(query, key, value, need_weights=False, **kwargs)[0]
 
 
-def batch_first_attention(
+def training_attention(
     attn: nn.MultiheadAttention,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -67,7 +54,10 @@ def batch_first_attention(
 ) -> torch.Tensor:
     """What ``attn`` (sequence-first, packed input projections: DETR's) computes, on batch-first
     tokens: query [N, L, C], key/value [N, S, C] -> [N, L, C]. Masks are bool, True = blocked:
-    ``key_padding_mask`` [N, S], ``attn_mask`` [L, S]. Attention-weight dropout as ``attn``'s."""
+    ``key_padding_mask`` [N, S], ``attn_mask`` [L, S]. Without attention dropout (eval mode or
+    p = 0) it is one fused ``F.scaled_dot_product_attention``; with it, explicit softmax weights
+    dropped with :func:`~.dropout.keep_mask` (PyTorch's own dropout would send SDPA to its
+    unfused path and draw one Bernoulli sample per weight)."""
     n, length, channels = query.shape
     heads = attn.num_heads
     q, k, v = in_projections(attn, query, key, value)
@@ -75,18 +65,22 @@ def batch_first_attention(
     def split_heads(x):  # [N, T, C] -> [N, heads, T, C / heads], a view
         return x.view(n, x.shape[1], heads, channels // heads).transpose(1, 2)
 
-    allowed = None  # SDPA's bool masks are True where attention is allowed
+    q, k, v = split_heads(q), split_heads(k), split_heads(v)
+    blocked = None
     if key_padding_mask is not None:
-        allowed = ~key_padding_mask.view(n, 1, 1, -1)
+        blocked = key_padding_mask.view(n, 1, 1, -1)
     if attn_mask is not None:
-        allowed = ~attn_mask if allowed is None else allowed & ~attn_mask
-    out = F.scaled_dot_product_attention(
-        split_heads(q),
-        split_heads(k),
-        split_heads(v),
-        attn_mask=allowed,
-        dropout_p=attn.dropout if attn.training else 0.0,
-    )
+        blocked = attn_mask if blocked is None else blocked | attn_mask
+    if attn.training and attn.dropout > 0.0:
+        scores = torch.matmul(q * (channels // heads) ** -0.5, k.transpose(-1, -2))
+        if blocked is not None:
+            scores = scores.masked_fill(blocked, float("-inf"))
+        weights = scores.softmax(dim=-1)  # [N, heads, L, S]
+        mask, scale = keep_mask(weights.shape, attn.dropout, weights.device)
+        out = torch.matmul(weights * mask, v) * scale  # the scale on the small output
+    else:  # SDPA's bool masks are True where attention is allowed
+        allowed = None if blocked is None else ~blocked
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     out = out.transpose(1, 2).reshape(n, length, channels)
     return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
 
@@ -102,20 +96,17 @@ class TransformerEncoderLayer(nn.Module):
         dropout: float,
         normalize_before: bool,
         attention_fp32: bool = False,
-        fast_dropout: bool = False,
     ):
         super().__init__()
         self.attention_fp32 = attention_fp32
-        self.fast_dropout = fast_dropout
-        dropout_cls = FastDropout if fast_dropout else nn.Dropout
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = dropout_cls(dropout)
+        self.dropout = FastDropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = dropout_cls(dropout)
-        self.dropout2 = dropout_cls(dropout)
+        self.dropout1 = FastDropout(dropout)
+        self.dropout2 = FastDropout(dropout)
         self.normalize_before = normalize_before
 
     def _attend(self, x, pos, key_padding_mask, batch_first):
@@ -156,23 +147,20 @@ class TransformerDecoderLayer(nn.Module):
         dropout: float,
         normalize_before: bool,
         attention_fp32: bool = False,
-        fast_dropout: bool = False,
     ):
         super().__init__()
         self.attention_fp32 = attention_fp32
-        self.fast_dropout = fast_dropout
-        dropout_cls = FastDropout if fast_dropout else nn.Dropout
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = dropout_cls(dropout)
+        self.dropout = FastDropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = dropout_cls(dropout)
-        self.dropout2 = dropout_cls(dropout)
-        self.dropout3 = dropout_cls(dropout)
+        self.dropout1 = FastDropout(dropout)
+        self.dropout2 = FastDropout(dropout)
+        self.dropout3 = FastDropout(dropout)
         self.normalize_before = normalize_before
 
     def _self_attend(self, x, query_pos, attn_mask, batch_first):
@@ -279,8 +267,6 @@ class Transformer(nn.Module):
         normalize_before: bool = False,
         return_intermediate_dec: bool = False,
         attention_fp32: bool = False,
-        fast_dropout: bool = False,
-        batch_first_training: bool = False,
     ):
         super().__init__()
         if d_model % nhead != 0:
@@ -288,20 +274,19 @@ class Transformer(nn.Module):
                 f"MODEL.DETR.HIDDEN_DIM ({d_model}) must be divisible by MODEL.DETR.NHEADS ({nhead})."
             )
         encoder_layer = TransformerEncoderLayer(
-            d_model, nhead, dim_feedforward, dropout, normalize_before, attention_fp32, fast_dropout
+            d_model, nhead, dim_feedforward, dropout, normalize_before, attention_fp32
         )
         self.encoder = TransformerEncoder(
             encoder_layer, num_encoder_layers, nn.LayerNorm(d_model) if normalize_before else None
         )
         decoder_layer = TransformerDecoderLayer(
-            d_model, nhead, dim_feedforward, dropout, normalize_before, attention_fp32, fast_dropout
+            d_model, nhead, dim_feedforward, dropout, normalize_before, attention_fp32
         )
         self.decoder = TransformerDecoder(
             decoder_layer, num_decoder_layers, nn.LayerNorm(d_model), return_intermediate_dec
         )
         self.d_model = d_model
         self.nhead = nhead
-        self.batch_first_training = batch_first_training
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -345,7 +330,7 @@ class Transformer(nn.Module):
             tgt = torch.zeros_like(query_embed)
         else:
             tgt = query_content.transpose(0, 1)
-        batch_first = self.batch_first_training and self.training
+        batch_first = self.training
         if batch_first:  # [N, S, C] and [N, Q, C] views
             src, pos_embed, query_embed, tgt = (
                 x.transpose(0, 1) for x in (src, pos_embed, query_embed, tgt)
@@ -359,7 +344,7 @@ class Transformer(nn.Module):
 
 def build_transformer(cfg) -> Transformer:
     """The encoder-decoder of ``cfg.MODEL.DETR``. Deep supervision is set here once
-    (``DEEP_SUPERVISION``: every decoder layer's output is returned); the criterion's auxiliary
+    (``LOSS.DEEP_SUPERVISION``: every decoder layer's output is returned); the criterion's auxiliary
     weights and the model's auxiliary outputs follow it."""
     detr = cfg.MODEL.DETR
     return Transformer(
@@ -370,10 +355,8 @@ def build_transformer(cfg) -> Transformer:
         dim_feedforward=detr.DIM_FEEDFORWARD,
         dropout=detr.DROPOUT,
         normalize_before=detr.PRE_NORM,
-        return_intermediate_dec=detr.DEEP_SUPERVISION,
-        attention_fp32=detr.ATTENTION_FP32,
-        fast_dropout=detr.FAST_DROPOUT,
-        batch_first_training=detr.BATCH_FIRST_TRAINING,
+        return_intermediate_dec=detr.LOSS.DEEP_SUPERVISION,
+        attention_fp32=attention_in_fp32(detr.SPEED.ATTENTION_PRECISION, cfg.MODEL.DEVICE),
     )
 
 

@@ -69,7 +69,7 @@ def criterion(num_aux_layers, num_classes=3, class_loss="softmax"):
 def test_from_config_sets_deep_supervision_once(deep):
     """DEEP_SUPERVISION reaches the transformer only; the model's auxiliary outputs and the
     criterion's ``_{i}`` weights follow from it (L - 1 = 2 auxiliary layers, or none)."""
-    model = build_model_no_weights(tiny_cfg(DEC_LAYERS=3, DEEP_SUPERVISION=deep))
+    model = build_model_no_weights(tiny_cfg("MODEL.DETR.LOSS.DEEP_SUPERVISION", deep, DEC_LAYERS=3))
     assert model.transformer.decoder.return_intermediate is deep
     assert model.aux_loss is deep
     assert (
@@ -87,7 +87,9 @@ def test_from_config_sets_deep_supervision_once(deep):
 )
 def test_from_config_class_head_matches_the_criterion(class_loss, activation):
     """K + 1 class logits for every class loss (the sigmoid losses leave the last unused)."""
-    model = build_model_no_weights(tiny_cfg(NUM_CLASSES=5, CLASS_LOSS=class_loss))
+    model = build_model_no_weights(
+        tiny_cfg("MODEL.DETR.LOSS.CLASS_LOSS", class_loss, NUM_CLASSES=5)
+    )
     assert model.class_embed.out_features == 6 and model.criterion.num_classes == 5
     assert model.criterion.empty_weight.shape == (6,)
     assert model.score_activation == activation and model.criterion.class_loss == class_loss
@@ -168,7 +170,9 @@ def test_incomplete_auxiliary_weights_are_refused():
 @pytest.mark.parametrize("dec_layers", [1, 2, 4])
 @pytest.mark.parametrize("deep", [True, False])
 def test_auxiliary_outputs_are_one_per_earlier_decoder_layer(dec_layers, deep):
-    model = build_model_no_weights(tiny_cfg(DEC_LAYERS=dec_layers, DEEP_SUPERVISION=deep)).train()
+    model = build_model_no_weights(
+        tiny_cfg("MODEL.DETR.LOSS.DEEP_SUPERVISION", deep, DEC_LAYERS=dec_layers)
+    ).train()
     batch = training_batch()
     outputs = model.forward_heads(model.preprocess_image(batch))
     assert len(outputs.get("aux_outputs", [])) == (dec_layers - 1 if deep else 0)
@@ -181,7 +185,9 @@ def test_auxiliary_outputs_are_one_per_earlier_decoder_layer(dec_layers, deep):
 
 @pytest.mark.parametrize("deep", [True, False])
 def test_training_returns_the_per_layer_loss_keys(deep):
-    losses = training_losses(build_model_no_weights(tiny_cfg(DEC_LAYERS=3, DEEP_SUPERVISION=deep)))
+    losses = training_losses(
+        build_model_no_weights(tiny_cfg("MODEL.DETR.LOSS.DEEP_SUPERVISION", deep, DEC_LAYERS=3))
+    )
     aux = {f"{k}_{i}" for k in FINAL_KEYS for i in (0, 1)} if deep else set()
     assert set(losses) == FINAL_KEYS | aux
     for key, value in losses.items():
@@ -193,10 +199,14 @@ def test_deep_supervision_only_adds_the_auxiliary_terms():
     """Same weights with and without deep supervision: the final layer's losses are equal, and
     the ``_0`` terms are those of a one-layer decoder with the first layer's weights (the decoder
     norm is shared by all layers' outputs)."""
-    deep = build_model_no_weights(tiny_cfg(DEC_LAYERS=2, DEEP_SUPERVISION=True))
-    plain = build_model_no_weights(tiny_cfg(DEC_LAYERS=2, DEEP_SUPERVISION=False))
+    deep = build_model_no_weights(tiny_cfg("MODEL.DETR.LOSS.DEEP_SUPERVISION", True, DEC_LAYERS=2))
+    plain = build_model_no_weights(
+        tiny_cfg("MODEL.DETR.LOSS.DEEP_SUPERVISION", False, DEC_LAYERS=2)
+    )
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in deep.state_dict().items())
-    first_layer = build_model_no_weights(tiny_cfg(DEC_LAYERS=1, DEEP_SUPERVISION=False))
+    first_layer = build_model_no_weights(
+        tiny_cfg("MODEL.DETR.LOSS.DEEP_SUPERVISION", False, DEC_LAYERS=1)
+    )
     unexpected = first_layer.load_state_dict(deep.state_dict(), strict=False).unexpected_keys
     assert unexpected and all(k.startswith("transformer.decoder.layers.1.") for k in unexpected)
     with_aux, without, one_layer = map(training_losses, (deep, plain, first_layer))

@@ -1,6 +1,6 @@
 """A frozen backbone trains through a copy with folded batch norms: same losses and gradients
 (up to float rounding), same checkpoint keys, rebuilt when the weights change. The feature cache
-of its frozen stages (MODEL.DETR.FEATURE_CACHE): the same losses and gradients as the uncached
+of its frozen stages (MODEL.DETR.SPEED.FEATURE_CACHE): the same losses and gradients as the uncached
 path on the same views, hits return the stored features, a budget that is too small or a random
 crop fails with the key's name, and inference does not use it."""
 
@@ -30,11 +30,11 @@ def _batch(sizes=((64, 80), (72, 56)), seed=0):
 
 
 def _cache_cfg(freeze_at=4, **cache):
-    cfg = tiny_cfg(SIZE_DIVISIBILITY_TRAIN=32)
+    cfg = tiny_cfg()
     cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
     cfg.MODEL.RESNETS.NORM = "FrozenBN"
     cfg.INPUT.CROP.ENABLED = False
-    cfg.MODEL.DETR.FEATURE_CACHE.update(ENABLED=True, **cache)
+    cfg.MODEL.DETR.SPEED.FEATURE_CACHE.update(ENABLED=True, **cache)
     return cfg
 
 
@@ -216,7 +216,7 @@ def test_feature_cache_estimate_and_budget_error_name_the_key():
     # 384 x 576 -> res4 (stride 16) 24 x 36 x 256 channels (R18) x 4 bytes x 2 flips
     per_image = 24 * 36 * 256 * 4 * 2
     check_feature_cache(cfg, model, _dataset(int(1e9 // per_image)))
-    with pytest.raises(ValueError, match="MODEL.DETR.FEATURE_CACHE.MAX_MEMORY_GB") as error:
+    with pytest.raises(ValueError, match="MODEL.DETR.SPEED.FEATURE_CACHE.MAX_MEMORY_GB") as error:
         check_feature_cache(cfg, model, _dataset(int(1e9 // per_image) + 1))
     assert "INPUT.MIN_SIZE_TRAIN" in str(error.value)
     cfg.INPUT.MIN_SIZE_TRAIN = (384, 416)  # two sizes: twice the views
@@ -229,6 +229,6 @@ def test_feature_cache_random_crop_and_no_frozen_stage_fail_with_the_keys():
     cfg.INPUT.CROP.ENABLED = True
     with pytest.raises(ValueError, match="INPUT.CROP.ENABLED") as error:
         FeatureCache.from_config(cfg)
-    assert "MODEL.DETR.FEATURE_CACHE.ENABLED" in str(error.value)
+    assert "MODEL.DETR.SPEED.FEATURE_CACHE.ENABLED" in str(error.value)
     with pytest.raises(ValueError, match="MODEL.BACKBONE.FREEZE_AT"):
         build_model_no_weights(_cache_cfg(freeze_at=0))

@@ -39,7 +39,7 @@ def reference_run(variant, directory, opts):
 
 @pytest.mark.parametrize("variant", ["r50", "r50_dc5", "r50_panoptic"])
 def test_folded_channels_last_fp32_keeps_parity(variant, tmp_path):
-    opts = ["TEST.FOLD_BATCHNORM", "True", "MODEL.DETR.CHANNELS_LAST", "True"]
+    opts = ["TEST.FOLD_BATCHNORM", "True", "MODEL.DETR.SPEED.MEMORY_FORMAT", "channels_last"]
     expected, raw = reference_run(variant, tmp_path, opts)
     reference = expected["outputs"]
     for key in ("pred_logits", "pred_boxes"):
@@ -62,8 +62,8 @@ def test_bf16_inference_agrees_with_official_fp32(variant, tmp_path):
         "bf16",
         "TEST.FOLD_BATCHNORM",
         "True",
-        "MODEL.DETR.CHANNELS_LAST",
-        "True",
+        "MODEL.DETR.SPEED.MEMORY_FORMAT",
+        "channels_last",
     ]
     expected, raw = reference_run(variant, tmp_path, opts)
     reference = expected["outputs"]

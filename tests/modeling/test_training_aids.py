@@ -26,14 +26,13 @@ from detr_d2.solver import build_detr_optimizer
 
 from helpers import build_model_no_weights, tiny_cfg
 
-ACCELERATED = dict(GROUPS=3, CLASS_LOSS="ia_bce")
 
-
-def accelerated_cfg(**detr):
-    cfg = tiny_cfg(**{**ACCELERATED, **detr})
-    cfg.MODEL.DETR.ONE_TO_MANY.NUM_QUERIES = 12
-    cfg.MODEL.DETR.DENSE_AUX.ENABLED = True
-    cfg.MODEL.DETR.DENOISING.GROUPS = 2
+def accelerated_cfg(class_loss="ia_bce"):
+    cfg = tiny_cfg("MODEL.DETR.LOSS.CLASS_LOSS", class_loss)
+    cfg.MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS = 3
+    cfg.MODEL.DETR.TRAINING_AIDS.ONE_TO_MANY.NUM_QUERIES = 12
+    cfg.MODEL.DETR.TRAINING_AIDS.DENSE_AUX.ENABLED = True
+    cfg.MODEL.DETR.TRAINING_AIDS.DENOISING.GROUPS = 2
     return cfg
 
 
@@ -57,8 +56,8 @@ def test_group_zero_computes_what_plain_detr_computes():
     """The mask blocks all cross-set attention: group 0's training outputs equal the plain
     model's outputs with the same weights, whatever the other sets' queries are (the other
     groups, the one-to-many set and the denoising queries)."""
-    cfg = accelerated_cfg(CLASS_LOSS="softmax")
-    cfg.MODEL.DETR.DENSE_AUX.ENABLED = False
+    cfg = accelerated_cfg("softmax")
+    cfg.MODEL.DETR.TRAINING_AIDS.DENSE_AUX.ENABLED = False
     model = build_model_no_weights(cfg).train()
     plain = build_model_no_weights(tiny_cfg()).train()
     plain.load_state_dict(model.state_dict(), strict=False)
@@ -102,10 +101,10 @@ def test_each_aid_branch_is_the_criterion_on_its_own_queries():
     the mean of the G groups' one-to-one losses, ``_o2m`` the loss against every target
     repeated k times, ``_dn`` the mean over the denoising groups with query j matched to target
     j, the dense keys the head's own losses on the encoder output; each times its weight."""
-    cfg = accelerated_cfg(CLASS_LOSS="softmax")
-    cfg.MODEL.DETR.ONE_TO_MANY.WEIGHT = 0.5
-    cfg.MODEL.DETR.DENOISING.WEIGHT = 0.25
-    cfg.MODEL.DETR.DENSE_AUX.WEIGHT = 2.0
+    cfg = accelerated_cfg("softmax")
+    cfg.MODEL.DETR.TRAINING_AIDS.ONE_TO_MANY.WEIGHT = 0.5
+    cfg.MODEL.DETR.TRAINING_AIDS.DENOISING.WEIGHT = 0.25
+    cfg.MODEL.DETR.TRAINING_AIDS.DENSE_AUX.WEIGHT = 2.0
     model = build_model_no_weights(cfg).train()
     inputs = batch()
     images = model.preprocess_image(inputs)
@@ -246,7 +245,7 @@ def test_denoising_losses_use_the_query_each_target_made():
 
 def test_denoising_alone_keeps_the_auxiliary_losses():
     cfg = tiny_cfg()
-    cfg.MODEL.DETR.DENOISING.GROUPS = 2
+    cfg.MODEL.DETR.TRAINING_AIDS.DENOISING.GROUPS = 2
     model = build_model_no_weights(cfg).train()
     with EventStorage(0):
         losses = model(batch())
@@ -373,7 +372,7 @@ def test_dense_head_assigns_centre_locations_to_the_smallest_box():
 def test_inference_model_is_plain_detr():
     """The training model has training-only parts; its inference model has exactly the modules
     and state-dict keys of the plain model's inference model."""
-    cfg, plain_cfg = accelerated_cfg(), tiny_cfg(CLASS_LOSS="ia_bce")
+    cfg, plain_cfg = accelerated_cfg(), tiny_cfg("MODEL.DETR.LOSS.CLASS_LOSS", "ia_bce")
     model = build_model_no_weights(cfg)
     assert any(k.startswith("train_only.") for k in model.state_dict())
     fast = inference_model(model, cfg)
@@ -388,7 +387,9 @@ def test_switches_off_and_on_give_identical_inference_outputs(tmp_path):
     accelerated = build_model_no_weights(accelerated_cfg()).eval()
     checkpointer = DetectionCheckpointer(accelerated, str(tmp_path))
     checkpointer.save("accelerated")
-    plain = build_model_no_weights(tiny_cfg(CLASS_LOSS="ia_bce", NUM_OBJECT_QUERIES=7)).eval()
+    plain = build_model_no_weights(
+        tiny_cfg("MODEL.DETR.LOSS.CLASS_LOSS", "ia_bce", NUM_OBJECT_QUERIES=7)
+    ).eval()
     DetectionCheckpointer(plain).load(str(tmp_path / "accelerated.pth"))
     inputs = [{k: v for k, v in x.items() if k != "instances"} for x in batch()]
     with torch.no_grad():
@@ -402,7 +403,7 @@ def test_training_queries_start_from_a_plain_checkpoint(tmp_path):
     plain = build_model_no_weights(tiny_cfg())
     DetectionCheckpointer(plain, str(tmp_path)).save("plain")
     torch.manual_seed(1)
-    grouped = build_model_no_weights(tiny_cfg(GROUPS=4))
+    grouped = build_model_no_weights(tiny_cfg("MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS", 4))
     DetectionCheckpointer(grouped).load(str(tmp_path / "plain.pth"))
     extra = grouped.train_only["queries"].group_embed.weight.view(3, 7, -1)
     queries = plain.query_embed.weight
@@ -413,7 +414,7 @@ def test_training_queries_start_from_a_plain_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("class_loss", ["softmax", "focal", "ia_bce"])
 def test_bf16_training_with_all_aids_learns(class_loss):
-    cfg = accelerated_cfg(CLASS_LOSS=class_loss)
+    cfg = accelerated_cfg(class_loss)
     cfg.SOLVER.BASE_LR = 5e-4
     cfg.SOLVER.AMP.ENABLED = True
     cfg.SOLVER.AMP.PRECISION = "bf16"
@@ -457,15 +458,15 @@ def test_weight_ema_by_hand():
 
 
 def test_invalid_switches_fail_with_the_key():
-    with pytest.raises(ValueError, match="MODEL.DETR.GROUPS"):
-        build_model_no_weights(tiny_cfg(GROUPS=0))
+    with pytest.raises(ValueError, match="MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS"):
+        build_model_no_weights(tiny_cfg("MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS", 0))
     bad = tiny_cfg()
-    bad.MODEL.DETR.DENOISING.GROUPS = -1
-    with pytest.raises(ValueError, match="MODEL.DETR.DENOISING.GROUPS"):
+    bad.MODEL.DETR.TRAINING_AIDS.DENOISING.GROUPS = -1
+    with pytest.raises(ValueError, match="MODEL.DETR.TRAINING_AIDS.DENOISING.GROUPS"):
         build_model_no_weights(bad)
-    with pytest.raises(ValueError, match="MODEL.DETR.CLASS_LOSS"):
-        build_model_no_weights(tiny_cfg(CLASS_LOSS="sigmoid"))
-    cfg = tiny_cfg(GROUPS=2)
+    with pytest.raises(ValueError, match="MODEL.DETR.LOSS.CLASS_LOSS"):
+        build_model_no_weights(tiny_cfg("MODEL.DETR.LOSS.CLASS_LOSS", "sigmoid"))
+    cfg = tiny_cfg("MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS", 2)
     cfg.MODEL.MASK_ON = True
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     with pytest.raises(ValueError, match="MASK_ON"):

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from detr_d2.data import DetrDatasetMapper, drop_degenerate_boxes
 from detr_d2.engine import DetrTrainer, build_step_trainer, resolve_num_workers
 from detr_d2.modeling.inference_graph import inference_model
+from detr_d2.precision import use_channels_last
 from detr_d2.solver import build_detr_optimizer
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def environment_record(cfg: CfgNode) -> dict:
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "test_precision": cfg.TEST.PRECISION,
         "train_precision": cfg.SOLVER.AMP.PRECISION if cfg.SOLVER.AMP.ENABLED else "fp32",
-        "channels_last": cfg.MODEL.DETR.CHANNELS_LAST,
+        "channels_last": use_channels_last(cfg.MODEL.DETR.SPEED.MEMORY_FORMAT, cfg.MODEL.DEVICE),
         "fold_batchnorm": cfg.TEST.FOLD_BATCHNORM,
         "compile": cfg.TEST.COMPILE,
         "coco_eval_backend": cfg.TEST.COCO_EVAL_BACKEND,

@@ -8,7 +8,7 @@ An experiment is a JSON spec::
      "overrides": ["TEST.EVAL_PERIOD", "250", ...],  # for every run (eval sets, schedule)
      "eval_sets": ["face_heldout", "face_sample_val"],
      "seeds": [1, 2],
-     "variants": {"plain": [], "groups": ["MODEL.DETR.GROUPS", "13"], ...},
+     "variants": {"plain": [], "groups": ["MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS", "13"], ...},
      "pretrain": {"config": ..., "overrides": [...], "seed": 1},  # optional
      "metrics": ["panoptic_seg/PQ", "segm/AP"]}  # optional, default box AP50 and AP
 

@@ -42,40 +42,43 @@ __all__ = [
 
 
 def build_training_aids(cfg, num_classes: int) -> list[TrainingAid]:
-    """The aids ``cfg.MODEL.DETR`` switches on (``GROUPS`` > 1, ``ONE_TO_MANY.NUM_QUERIES`` > 0,
-    ``DENSE_AUX.ENABLED``, ``DENOISING.GROUPS`` > 0), in the order they run."""
-    detr = cfg.MODEL.DETR
+    """The aids ``cfg.MODEL.DETR.TRAINING_AIDS`` switches on (``QUERY_GROUPS`` > 1,
+    ``ONE_TO_MANY.NUM_QUERIES`` > 0, ``DENSE_AUX.ENABLED``, ``DENOISING.GROUPS`` > 0), in the order
+    they run."""
+    detr, aids = cfg.MODEL.DETR, cfg.MODEL.DETR.TRAINING_AIDS
     for key, value, least in (
-        ("GROUPS", detr.GROUPS, 1),
-        ("ONE_TO_MANY.NUM_QUERIES", detr.ONE_TO_MANY.NUM_QUERIES, 0),
-        ("DENOISING.GROUPS", detr.DENOISING.GROUPS, 0),
+        ("QUERY_GROUPS", aids.QUERY_GROUPS, 1),
+        ("ONE_TO_MANY.NUM_QUERIES", aids.ONE_TO_MANY.NUM_QUERIES, 0),
+        ("DENOISING.GROUPS", aids.DENOISING.GROUPS, 0),
     ):
         if value < least:
-            raise ValueError(f"MODEL.DETR.{key} must be >= {least} ({least} = off), got {value}.")
+            raise ValueError(
+                f"MODEL.DETR.TRAINING_AIDS.{key} must be >= {least} ({least} = off), got {value}."
+            )
     # built in this order so that a seed gives the same initial weights as earlier versions
     groups = one_to_many = dense = denoising = None
-    if detr.GROUPS > 1:
+    if aids.QUERY_GROUPS > 1:
         groups = QueryGroups(
             hidden_dim=detr.HIDDEN_DIM,
             num_queries=detr.NUM_OBJECT_QUERIES,
-            num_groups=detr.GROUPS,
+            num_groups=aids.QUERY_GROUPS,
         )
-    if detr.ONE_TO_MANY.NUM_QUERIES > 0:
+    if aids.ONE_TO_MANY.NUM_QUERIES > 0:
         one_to_many = OneToManyQueries(
             hidden_dim=detr.HIDDEN_DIM,
-            num_queries=detr.ONE_TO_MANY.NUM_QUERIES,
-            repeat=detr.ONE_TO_MANY.REPEAT,
-            loss_weight=detr.ONE_TO_MANY.WEIGHT,
+            num_queries=aids.ONE_TO_MANY.NUM_QUERIES,
+            repeat=aids.ONE_TO_MANY.REPEAT,
+            loss_weight=aids.ONE_TO_MANY.WEIGHT,
         )
-    if detr.DENSE_AUX.ENABLED:
-        dense = DenseAuxHead(detr.HIDDEN_DIM, num_classes, loss_weight=detr.DENSE_AUX.WEIGHT)
-    if detr.DENOISING.GROUPS > 0:
+    if aids.DENSE_AUX.ENABLED:
+        dense = DenseAuxHead(detr.HIDDEN_DIM, num_classes, loss_weight=aids.DENSE_AUX.WEIGHT)
+    if aids.DENOISING.GROUPS > 0:
         denoising = DenoisingQueries(
             hidden_dim=detr.HIDDEN_DIM,
             num_classes=num_classes,
-            num_groups=detr.DENOISING.GROUPS,
-            box_noise=detr.DENOISING.BOX_NOISE,
-            label_noise=detr.DENOISING.LABEL_NOISE,
-            loss_weight=detr.DENOISING.WEIGHT,
+            num_groups=aids.DENOISING.GROUPS,
+            box_noise=aids.DENOISING.BOX_NOISE,
+            label_noise=aids.DENOISING.LABEL_NOISE,
+            loss_weight=aids.DENOISING.WEIGHT,
         )
     return [aid for aid in (groups, one_to_many, denoising, dense) if aid is not None]

@@ -34,7 +34,7 @@ class DenoisingQueries(TrainingAid):
     from (no matching)."""
 
     slot = "denoising"
-    config_key = "MODEL.DETR.DENOISING"
+    config_key = "MODEL.DETR.TRAINING_AIDS.DENOISING"
 
     def __init__(
         self,
@@ -50,7 +50,7 @@ class DenoisingQueries(TrainingAid):
         Args:
             hidden_dim: C (divisible by 4: one quarter of the encoding per box coordinate).
             num_classes: K; label embedding row K is the padding of images with fewer targets.
-            num_groups: P >= 1 noised copies of the targets (``MODEL.DETR.DENOISING.GROUPS``).
+            num_groups: P >= 1 noised copies of the targets (``MODEL.DETR.TRAINING_AIDS.DENOISING.GROUPS``).
             box_noise: centres move by up to ``box_noise`` half-sizes, sizes scale by up to
                 ``1 +- box_noise`` (DN-DETR's lambda_1 = lambda_2 = 0.4).
             label_noise: probability that a label is replaced by a random class.
@@ -59,7 +59,7 @@ class DenoisingQueries(TrainingAid):
         super().__init__()
         if num_groups < 1 or hidden_dim % 4:
             raise ValueError(
-                f"MODEL.DETR.DENOISING.GROUPS must be >= 1 here (got {num_groups}) and "
+                f"MODEL.DETR.TRAINING_AIDS.DENOISING.GROUPS must be >= 1 here (got {num_groups}) and "
                 f"MODEL.DETR.HIDDEN_DIM divisible by 4 for denoising (got {hidden_dim})."
             )
         self.num_classes = num_classes

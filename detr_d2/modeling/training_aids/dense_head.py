@@ -25,7 +25,7 @@ class DenseAuxHead(TrainingAid):
     its branch has a loss of its own (``loss_dense_cls``, ``loss_dense_giou``)."""
 
     slot = "dense_head"
-    config_key = "MODEL.DETR.DENSE_AUX"
+    config_key = "MODEL.DETR.TRAINING_AIDS.DENSE_AUX"
 
     def __init__(
         self,
@@ -40,7 +40,7 @@ class DenseAuxHead(TrainingAid):
             num_classes: K.
             center_radius: a location is a positive of a box when it lies inside the box and
                 within this many strides of the box centre (FCOS centre sampling).
-            loss_weight: weight of both losses (``MODEL.DETR.DENSE_AUX.WEIGHT``).
+            loss_weight: weight of both losses (``MODEL.DETR.TRAINING_AIDS.DENSE_AUX.WEIGHT``).
         """
         super().__init__()
         layers = []

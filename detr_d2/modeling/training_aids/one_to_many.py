@@ -11,19 +11,19 @@ class OneToManyQueries(LearnedQueries):
     """Qm one-to-many queries, ``weight`` [Qm, C]."""
 
     slot = "queries.one_to_many_embed"
-    config_key = "MODEL.DETR.ONE_TO_MANY"
+    config_key = "MODEL.DETR.TRAINING_AIDS.ONE_TO_MANY"
 
     def __init__(self, *, hidden_dim: int, num_queries: int, repeat: int, loss_weight: float):
         """
         Args:
             hidden_dim: C.
-            num_queries: Qm >= 1 (``MODEL.DETR.ONE_TO_MANY.NUM_QUERIES``).
+            num_queries: Qm >= 1 (``MODEL.DETR.TRAINING_AIDS.ONE_TO_MANY.NUM_QUERIES``).
             repeat: k, how often each target is repeated (``ONE_TO_MANY.REPEAT``).
             loss_weight: weight of the branch relative to the plain one (``ONE_TO_MANY.WEIGHT``).
         """
         if num_queries < 1:
             raise ValueError(
-                "OneToManyQueries needs num_queries >= 1 (MODEL.DETR.ONE_TO_MANY.NUM_QUERIES), "
+                "OneToManyQueries needs num_queries >= 1 (MODEL.DETR.TRAINING_AIDS.ONE_TO_MANY.NUM_QUERIES), "
                 f"got {num_queries}."
             )
         super().__init__(num_queries, hidden_dim)

@@ -16,18 +16,18 @@ class QueryGroups(LearnedQueries):
     """Groups 1 .. G-1, ``weight`` [(G-1)*Q, C]; the plain branch becomes all G groups."""
 
     slot = "queries.group_embed"
-    config_key = "MODEL.DETR.GROUPS > 1"
+    config_key = "MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS > 1"
 
     def __init__(self, *, hidden_dim: int, num_queries: int, num_groups: int):
         """
         Args:
             hidden_dim: C.
             num_queries: Q, the size of each group (the plain query set).
-            num_groups: G >= 2, the plain group included (``MODEL.DETR.GROUPS``).
+            num_groups: G >= 2, the plain group included (``MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS``).
         """
         if num_groups < 2:
             raise ValueError(
-                f"QueryGroups needs num_groups >= 2 (MODEL.DETR.GROUPS), got {num_groups}."
+                f"QueryGroups needs num_groups >= 2 (MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS), got {num_groups}."
             )
         super().__init__((num_groups - 1) * num_queries, hidden_dim)
         self.num_queries = num_queries
