@@ -250,7 +250,7 @@ def train_call(
     return run, storage
 
 
-def _first_last_loss(storage: EventStorage) -> list[float] | None:
+def first_last_loss(storage: EventStorage) -> list[float] | None:
     if "total_loss" not in storage.histories():
         return None
     losses = storage.history("total_loss").values()
@@ -275,7 +275,7 @@ def benchmark_train(
     run, storage = train_call(cfg, model, batches)
     times = time_calls(run, warmup, iters, device, "train step")
     record = summarize_times(times, len(batches[0]), "images")
-    record["total_loss_first_last"] = _first_last_loss(storage)
+    record["total_loss_first_last"] = first_last_loss(storage)
     return record
 
 
@@ -416,6 +416,52 @@ def prepare_model_and_batches(
     return model, batches, shapes
 
 
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], warmup: int, iters: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds of each call per round: ``warmup`` untimed calls of each first, then ``iters``
+    rounds that time one call of each, in an order that rotates by round, so a machine that
+    speeds up or slows down (other processes, clocks; up to 25 % within minutes on shared
+    2-core machines) affects every call alike."""
+    labels = list(calls)
+    for label in labels:
+        for _ in range(warmup):
+            calls[label]()
+    _synchronize(device)
+    times = {label: [] for label in labels}
+    for round_index in tqdm(range(iters), desc="interleaved rounds", leave=False, disable=None):
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            start = time.perf_counter()
+            calls[label]()
+            _synchronize(device)
+            times[label].append(time.perf_counter() - start)
+    return times
+
+
+def summarize_interleaved(
+    times: dict[str, list[float]], items_per_call: dict[str, int] | int
+) -> dict[str, dict]:
+    """:func:`summarize_times` of each label's rounds, plus the median and quartiles of its
+    per-round ratio to the first label's time: the number that resolves a 10 % change where
+    separate runs cannot."""
+    labels = list(times)
+    base = np.asarray(times[labels[0]])
+    summaries = {}
+    for label in labels:
+        items = items_per_call[label] if isinstance(items_per_call, dict) else items_per_call
+        summary = summarize_times(times[label], items, "images")
+        summary.pop("warmup_seconds")  # time_calls' attribute, not these rounds'
+        ratios = np.asarray(times[label]) / base
+        summary.update(
+            ratio_to_first_median=float(np.median(ratios)),
+            ratio_to_first_p25=float(np.percentile(ratios, 25)),
+            ratio_to_first_p75=float(np.percentile(ratios, 75)),
+        )
+        summaries[label] = summary
+    return summaries
+
+
 def compare_interleaved(
     variants: dict[str, CfgNode],
     task: str,
@@ -427,11 +473,9 @@ def compare_interleaved(
     warmup: int = 2,
     iters: int = 10,
 ) -> dict:
-    """Configs side by side in one process: every round times one call of each variant, in an
-    order that rotates by round, so a machine that speeds up or slows down (other processes,
-    clocks; up to 25 % within minutes on shared 2-core machines) affects every variant alike.
-    Each variant's speed is also given as the median of its per-round ratio to the first
-    variant, the number that resolves a 10 % change where separate runs cannot.
+    """Configs side by side in one process, timed round by round (:func:`time_interleaved`);
+    each variant's speed is also given as its per-round ratio to the first variant
+    (:func:`summarize_interleaved`).
 
     Each variant builds its model and batches from its own config (the same batches when the
     variants do not change the data)."""
@@ -452,31 +496,12 @@ def compare_interleaved(
             calls[label] = inference_call(model, batches)
         records[label] = {**shapes, "items_per_call": len(batches[0])}
     device = torch.device(next(iter(variants.values())).MODEL.DEVICE)
-    for label in labels:
-        for _ in range(warmup):
-            calls[label]()
-    _synchronize(device)
-    times = {label: [] for label in labels}
-    for round_index in tqdm(range(iters), desc="interleaved rounds", leave=False, disable=None):
-        shift = round_index % len(labels)
-        for label in labels[shift:] + labels[:shift]:
-            start = time.perf_counter()
-            calls[label]()
-            _synchronize(device)
-            times[label].append(time.perf_counter() - start)
-    base = np.asarray(times[labels[0]])
-    for label in labels:
-        ratios = np.asarray(times[label]) / base
-        record = records[label]
-        record.update(summarize_times(times[label], record.pop("items_per_call"), "images"))
-        record.pop("warmup_seconds")
-        record.update(
-            ratio_to_first_median=float(np.median(ratios)),
-            ratio_to_first_p25=float(np.percentile(ratios, 25)),
-            ratio_to_first_p75=float(np.percentile(ratios, 75)),
-        )
+    times = time_interleaved(calls, warmup, iters, device)
+    items = {label: records[label].pop("items_per_call") for label in labels}
+    for label, summary in summarize_interleaved(times, items).items():
+        records[label].update(summary)
         if is_train:
-            record["total_loss_first_last"] = _first_last_loss(storages[label])
+            records[label]["total_loss_first_last"] = first_last_loss(storages[label])
     first = next(iter(variants.values()))
     return {
         "task": task,
