@@ -5,7 +5,8 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from detr_d2 import add_detr_config
+from detr_d2 import add_detr_config, precision
+from detr_d2.precision import attention_in_fp32, use_channels_last
 
 from helpers import CONFIGS, make_cfg
 
@@ -87,3 +88,75 @@ def test_wrong_value_type_fails_with_the_key_named():
     add_detr_config(cfg)
     with pytest.raises(ValueError, match="MODEL.DETR.NUM_CLASSES"):
         cfg.merge_from_list(["MODEL.DETR.NUM_CLASSES", "one"])
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("MODEL.DETR.COST_CLASS", "MODEL.DETR.MATCHER.COST_CLASS"),
+        ("MODEL.DETR.CLASS_LOSS", "MODEL.DETR.LOSS.CLASS_LOSS"),
+        ("MODEL.DETR.DEEP_SUPERVISION", "MODEL.DETR.LOSS.DEEP_SUPERVISION"),
+        ("MODEL.DETR.GROUPS", "MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS"),
+        ("MODEL.DETR.ONE_TO_MANY.NUM_QUERIES", "MODEL.DETR.TRAINING_AIDS.ONE_TO_MANY.NUM_QUERIES"),
+        ("MODEL.DETR.FEATURE_CACHE.ENABLED", "MODEL.DETR.SPEED.FEATURE_CACHE.ENABLED"),
+        ("MODEL.DETR.CHANNELS_LAST", "MODEL.DETR.SPEED.MEMORY_FORMAT"),
+    ],
+)
+def test_a_moved_key_fails_naming_its_new_place(old, new, tmp_path):
+    """In an ``opts`` list and nested in a YAML file: no setting is silently lost."""
+    with pytest.raises(KeyError, match=f"{old} was renamed to {new}"):
+        make_cfg().merge_from_list([old, "1"])
+    *parents, leaf = old.split(".")
+    text, indent = "", ""
+    for part in parents:
+        text += f"{indent}{part}:\n"
+        indent += "  "
+    (tmp_path / "old.yaml").write_text(f"{text}{indent}{leaf}: 1\n")
+    node = ".".join(old.split(".")[:3])  # yacs names the first moved level it meets
+    with pytest.raises(KeyError, match=f"{node} was renamed to"):
+        make_cfg().merge_from_file(str(tmp_path / "old.yaml"))
+
+
+def test_a_switch_that_became_the_behaviour_is_ignored():
+    cfg = make_cfg()
+    cfg.merge_from_list(["MODEL.DETR.FAST_DROPOUT", "False", "SOLVER.FUSED_OPTIMIZER", "False"])
+    assert "FAST_DROPOUT" not in cfg.MODEL.DETR and "FUSED_OPTIMIZER" not in cfg.SOLVER
+
+
+def test_the_tools_name_the_new_key_in_one_line():
+    from detr_tools.cli import load_config
+
+    from detr_d2.errors import UserInputError
+
+    with pytest.raises(UserInputError) as error:
+        load_config(str(CONFIGS / "detr_face_sample.yaml"), ["MODEL.DETR.GROUPS", "3"])
+    assert str(error.value) == (
+        "command line: Key MODEL.DETR.GROUPS was renamed to "
+        "MODEL.DETR.TRAINING_AIDS.QUERY_GROUPS; please update your config."
+    )
+
+
+@pytest.mark.parametrize(
+    "setting, device, channels_last",
+    [("auto", "cpu", True), ("contiguous", "cpu", False), ("channels_last", "cpu", True)],
+)
+def test_memory_format_auto_is_channels_last_on_cpu(setting, device, channels_last):
+    assert use_channels_last(setting, device) is channels_last
+    cfg = make_cfg(CONFIGS / "detr_r50.yaml")
+    cfg.MODEL.DETR.SPEED.MEMORY_FORMAT = setting
+    cfg.MODEL.DETR.update(ENC_LAYERS=1, DEC_LAYERS=1)
+    model = build_model(cfg)
+    weight = model.backbone.stem.conv1.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+
+
+def test_attention_precision_auto_follows_amx(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: False)
+    assert attention_in_fp32("auto", "cpu") and not attention_in_fp32("autocast", "cpu")
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: True)
+    assert not attention_in_fp32("auto", "cpu") and attention_in_fp32("fp32", "cpu")
+    assert not attention_in_fp32("auto", "cuda")
+    with pytest.raises(ValueError, match="MODEL.DETR.SPEED.ATTENTION_PRECISION"):
+        attention_in_fp32("bf16", "cpu")
+    with pytest.raises(ValueError, match="MODEL.DETR.SPEED.MEMORY_FORMAT"):
+        use_channels_last("NHWC", "cpu")

@@ -31,10 +31,8 @@ def load_config(config_file: str, opts: Sequence[str] = (), freeze: bool = False
     add_detr_config(cfg)
     try:
         cfg.merge_from_file(config_file)
-    except KeyError as e:  # yacs: "Non-existent config key: MODEL.X"
-        raise UserInputError(
-            f"{config_file}: {e.args[0]} (a typo, or a key of another version?)"
-        ) from None
+    except KeyError as e:  # yacs: "Non-existent config key: MODEL.X", or "... was renamed to ..."
+        raise UserInputError(f"{config_file}: {_key_error(e)}") from None
     except (ValueError, AssertionError, TypeError) as e:
         raise UserInputError(f"{config_file}: {e}") from None
     if len(opts) % 2:
@@ -42,14 +40,17 @@ def load_config(config_file: str, opts: Sequence[str] = (), freeze: bool = False
     try:
         cfg.merge_from_list(list(opts))
     except KeyError as e:
-        raise UserInputError(
-            f"command line: {e.args[0]} (a typo, or a key of another version?)"
-        ) from None
+        raise UserInputError(f"command line: {_key_error(e)}") from None
     except (ValueError, AssertionError, TypeError) as e:
         raise UserInputError(f"command line: {e}") from None
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def _key_error(error: KeyError) -> str:
+    message = str(error.args[0])
+    return message if "renamed" in message else f"{message} (a typo, or a key of another version?)"
 
 
 def setup_logging(output: str | None = None) -> None:
