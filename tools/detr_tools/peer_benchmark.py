@@ -161,13 +161,13 @@ def hf_detr_config(transformers, cfg: CfgNode):
         attention_dropout=detr.DROPOUT,
         activation_dropout=detr.DROPOUT,
         position_embedding_type=detr.POSITION_EMBEDDING,
-        auxiliary_loss=detr.DEEP_SUPERVISION,
-        class_cost=_whole(detr.COST_CLASS, "MODEL.DETR.COST_CLASS"),
-        bbox_cost=_whole(detr.COST_BBOX, "MODEL.DETR.COST_BBOX"),
-        giou_cost=_whole(detr.COST_GIOU, "MODEL.DETR.COST_GIOU"),
-        bbox_loss_coefficient=_whole(detr.L1_WEIGHT, "MODEL.DETR.L1_WEIGHT"),
-        giou_loss_coefficient=_whole(detr.GIOU_WEIGHT, "MODEL.DETR.GIOU_WEIGHT"),
-        eos_coefficient=detr.NO_OBJECT_WEIGHT,
+        auxiliary_loss=detr.LOSS.DEEP_SUPERVISION,
+        class_cost=_whole(detr.MATCHER.COST_CLASS, "MODEL.DETR.MATCHER.COST_CLASS"),
+        bbox_cost=_whole(detr.MATCHER.COST_BBOX, "MODEL.DETR.MATCHER.COST_BBOX"),
+        giou_cost=_whole(detr.MATCHER.COST_GIOU, "MODEL.DETR.MATCHER.COST_GIOU"),
+        bbox_loss_coefficient=_whole(detr.LOSS.L1_WEIGHT, "MODEL.DETR.LOSS.L1_WEIGHT"),
+        giou_loss_coefficient=_whole(detr.LOSS.GIOU_WEIGHT, "MODEL.DETR.LOSS.GIOU_WEIGHT"),
+        eos_coefficient=detr.LOSS.NO_OBJECT_WEIGHT,
     )
 
 
