@@ -187,3 +187,37 @@ def test_bf16_speed_check_leaves_the_global_random_state():
     torch.manual_seed(3)
     cpu_bf16_speedup(rounds=1)
     torch.testing.assert_close(torch.rand(4), expected)
+
+
+def test_fp16_loss_scaling_clips_unscaled_gradients_with_the_fused_optimizer():
+    """With fp16 the scaler multiplies the loss (here by 2**16); the fused optimizer must still
+    clip and step on the true gradients: the same weights as an fp32 step of the same model."""
+    from detectron2.utils.events import EventStorage
+
+    from detr_d2.engine import _DetrAMPTrainer
+    from detr_d2.solver import _with_full_model_clipping
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 4)
+            torch.nn.init.constant_(self.layer.weight, 0.5)
+
+        def forward(self, batch):
+            return {"loss": self.layer(batch).float().square().mean()}
+
+    batch = torch.linspace(-1, 1, 32).view(4, 8)
+    results = []
+    for precision in (torch.float16, torch.float32):
+        model = Linear()
+        clipped = _with_full_model_clipping(torch.optim.AdamW, max_norm=0.1, norm_type=2.0)
+        optimizer = clipped(model.parameters(), lr=0.1, weight_decay=0.0, fused=True)
+        trainer = _DetrAMPTrainer(model, iter([batch] * 2), optimizer, precision)
+        with EventStorage(0) as storage:
+            trainer.iter = 0
+            trainer.run_step()
+            norm = storage.history("grad_norm").latest()
+        results.append((model.layer.weight.detach().clone(), norm))
+    (fp16_weight, fp16_norm), (fp32_weight, fp32_norm) = results
+    assert abs(fp16_norm - fp32_norm) <= 0.01 * fp32_norm  # unscaled before clipping
+    torch.testing.assert_close(fp16_weight, fp32_weight, atol=2e-3, rtol=0)
