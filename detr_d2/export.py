@@ -87,9 +87,8 @@ class DetrExportGraph(nn.Module):
         outputs = model._test_heads(ImageList(pixels, image_sizes), with_aux=False)
         # official PostProcess (softmax without "no object", or the sigmoid scores of models
         # trained with a sigmoid class loss), boxes scaled by each image's size
-        scores, classes = class_probabilities(outputs["pred_logits"], model.score_activation).max(
-            -1
-        )
+        activation = model.postprocess.score_activation
+        scores, classes = class_probabilities(outputs["pred_logits"], activation).max(-1)
         height_width = image_sizes.to(torch.float32)
         scale = height_width[:, [1, 0, 1, 0]][:, None]  # [N, 1, 4] (w, h, w, h)
         boxes = box_cxcywh_to_xyxy(outputs["pred_boxes"]) * scale
@@ -253,7 +252,7 @@ def export_metadata(
         "min_size_test": cfg.INPUT.MIN_SIZE_TEST,
         "max_size_test": cfg.INPUT.MAX_SIZE_TEST,
         "class_names": class_names_from_cfg(cfg),
-        "postprocess": asdict(model.postprocess_options),
+        "postprocess": asdict(model.postprocess),
         "torch_version": torch.__version__,
     }
 
@@ -286,12 +285,7 @@ class ExportedDetr:
             )
         self.backend = backend
         self.device = torch.device(device)
-        self.options = PostprocessOptions(
-            **{
-                k: tuple(v) if isinstance(v, list) else v
-                for k, v in self.meta["postprocess"].items()
-            }
-        )
+        self.options = PostprocessOptions(**self.meta["postprocess"])
         path = str(Path(directory) / self.meta["model_file"])
         if backend == "torchscript":
             self._module = torch.jit.load(path, map_location=self.device).eval()

@@ -32,6 +32,7 @@ __all__ = [
     "CheckpointInit",
     "adapt_heads",
     "checkpoint_class_layout",
+    "convert_official_in_place",
     "fit_state_dict",
     "query_subset",
 ]
@@ -126,6 +127,19 @@ def fit_state_dict(
     partial = model.checkpoint_init.partial
     check_checkpoint_fits(model, state_dict, partial=partial, **declared)
     return state_dict
+
+
+def convert_official_in_place(model: torch.nn.Module, state_dict: dict, prefix: str) -> None:
+    """``model._load_from_state_dict``'s conversion, so that plain ``load_state_dict`` converts
+    too: an official DETR state dict under ``prefix`` is replaced, in place, by
+    :func:`fit_state_dict`'s result; any other is left as it is."""
+    local = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not is_official_detr_state_dict(local):
+        return
+    converted = fit_state_dict(model, local)
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+    state_dict.update({prefix + k: v for k, v in converted.items()})
 
 
 def _same_classes(layout: ClassLayout, rows: int, checkpoint_layout: ClassLayout | None) -> bool:

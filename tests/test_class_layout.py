@@ -125,7 +125,7 @@ def test_panoptic_sample_layout_same_with_and_without_datasets(tmp_path):
         unregistered.is_thing,
         unregistered.dataset_ids,
     )
-    assert build_model_no_weights(cfg).thing_ids == (0, 1)
+    assert build_model_no_weights(cfg).postprocess.thing_ids == (0, 1)
     cfg.MODEL.DETR.CLASS_IS_THING = [True, False, False, False, False]
     with pytest.raises(ValueError, match=r"MODEL.DETR.CLASS_IS_THING=.*disagrees with dataset"):
         layout_from_cfg(cfg)

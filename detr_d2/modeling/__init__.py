@@ -1,7 +1,8 @@
 # Importing these modules registers the backbone and the meta-architecture with Detectron2.
 from .backbone import build_detr_resnet_backbone
 from .criterion import LossBranch, SetCriterion
-from .detr import MLP, Detr
+from .detr import Detr
+from .heads import MLP
 from .matcher import HungarianMatcher
 from .postprocessing import (
     detection_inference,

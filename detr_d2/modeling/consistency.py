@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from detectron2.modeling import Backbone
 
 from .criterion import SetCriterion
+from .postprocessing import PostprocessOptions
 from .training_aids import TrainingAid
 from .transformer import Transformer, num_aux_layers
 
@@ -16,11 +17,11 @@ def check_inputs(
     in_feature: str,
     input_format: str,
     mask_on: bool,
-    mask_outputs: bool,
-    score_activation: str,
+    freeze_detr: bool,
+    postprocess: PostprocessOptions,
 ) -> None:
-    """An unusable backbone output or input format, and mask outputs (``mask_outputs``:
-    semantic, panoptic or stage 2) without a mask head or with sigmoid scores."""
+    """An unusable backbone output or input format, and mask outputs (semantic, panoptic or
+    stage 2) without a mask head or with sigmoid scores."""
     if in_feature not in backbone.output_shape():
         raise ValueError(
             f"MODEL.DETR.IN_FEATURE={in_feature!r} is not a backbone output; available: "
@@ -28,12 +29,12 @@ def check_inputs(
         )
     if input_format not in ("RGB", "BGR"):
         raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR' for DETR, got {input_format!r}.")
-    if mask_outputs and not mask_on:
+    if (postprocess.semantic_on or postprocess.panoptic_on or freeze_detr) and not mask_on:
         raise ValueError(
             "MODEL.DETR.TEST.SEMANTIC_ON, MODEL.DETR.TEST.PANOPTIC_ON and "
             "MODEL.DETR.FREEZE_DETR need the mask head: set MODEL.MASK_ON True."
         )
-    if score_activation == "sigmoid" and mask_on:
+    if postprocess.score_activation == "sigmoid" and mask_on:
         raise ValueError(
             "MODEL.DETR.LOSS.CLASS_LOSS focal/ia_bce (sigmoid scores) is not supported with "
             "MODEL.MASK_ON: panoptic inference follows the official softmax scores."
@@ -78,6 +79,16 @@ def check_criterion(
             f"score_activation={score_activation!r} but criterion.class_loss="
             f"{criterion.class_loss!r}: a {criterion.class_loss} class loss needs "
             f"score_activation={wanted!r}."
+        )
+
+
+def check_postprocess(postprocess: PostprocessOptions, num_classes: int, mask_on: bool) -> None:
+    """The post-processing options are those of the model's classes and mask head."""
+    if (postprocess.num_classes, postprocess.mask_on) != (num_classes, mask_on):
+        raise ValueError(
+            f"postprocess has num_classes={postprocess.num_classes}, mask_on="
+            f"{postprocess.mask_on} but the model num_classes={num_classes}, mask_on={mask_on}: "
+            "build the PostprocessOptions with the model's values (or pass None for defaults)."
         )
 
 

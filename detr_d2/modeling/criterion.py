@@ -22,9 +22,9 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..precision import to_float32
-from .box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
+from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, paired_generalized_box_iou
 from .matcher import HungarianMatcher
-from .segmentation import dice_loss, sigmoid_focal_loss, sigmoid_focal_terms
+from .segmentation import dice_loss, gt_mask_tensor, sigmoid_focal_loss, sigmoid_focal_terms
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -432,6 +432,29 @@ class SetCriterion(nn.Module):
 def pad_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """[G, h, w] -> [G, height, width], zero-padded at the bottom and right."""
     return F.pad(masks, (0, width - masks.shape[-1], 0, height - masks.shape[-2]))
+
+
+def criterion_targets(
+    batched_inputs: list[dict],
+    device: torch.device,
+    with_masks: bool = False,
+    padded_size: tuple[int, int] | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Ground truth of Detectron2 inputs (``instances`` with ``gt_boxes`` xyxy pixels and
+    ``gt_classes``) in the criterion's format: ``labels [G]`` and ``boxes [G, 4]`` cxcywh
+    normalized by the unpadded image size; ``with_masks`` also ``masks`` (uint8 [G, H, W])
+    zero-padded to ``padded_size`` (default: the image's own size)."""
+    targets = []
+    for x in batched_inputs:
+        instances = x["instances"].to(device)
+        height, width = instances.image_size
+        scale = torch.as_tensor([width, height, width, height], dtype=torch.float32, device=device)
+        boxes = box_xyxy_to_cxcywh(instances.gt_boxes.tensor.float() / scale)
+        target = {"labels": instances.gt_classes, "boxes": boxes}
+        if with_masks:
+            target["masks"] = gt_mask_tensor(instances, padded_size or (height, width), device)
+        targets.append(target)
+    return targets
 
 
 def _is_aux_key(key: str, weight_dict: dict[str, float]) -> bool:

@@ -6,46 +6,35 @@ L decoder layers, H x W the transformer's input feature map, H4 x W4 the mask lo
 of the padded batch), T the queries of a training step (Q and the training aids').
 
 With ``MODEL.MASK_ON`` the model is the official ``DETRsegm``: the same trunk plus a mask head
-(:mod:`.segmentation`); inference can then return instance masks, semantic scores and panoptic
-segmentations (``MODEL.DETR.TEST.{INSTANCE,SEMANTIC,PANOPTIC}_ON``).
-
-Training-only aids (query groups, one-to-many and denoising queries, a dense head;
-:mod:`.training_aids`) live under ``train_only``: each adds its queries and a loss branch, and
-:meth:`Detr.loss_branches` hands every branch to the criterion.
+(:mod:`.segmentation`) for instance masks, semantic scores and panoptic segmentations. Training
+only, the aids of :mod:`.training_aids` (query groups, one-to-many and denoising queries, a dense
+head) add their queries and loss branches; inference runs without them.
 """
 
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.structures import ImageList
 from torch import nn
 
-from ..checkpoint import is_official_detr_state_dict
 from ..compat import let_detectron2_load_official_files
-from ..finetune import CheckpointInit, fit_state_dict
+from ..finetune import CheckpointInit, convert_official_in_place, fit_state_dict
 from ..layout import ClassLayout, generic_layout, layout_from_cfg
 from ..precision import autocast, precision_dtype, to_float32, use_channels_last
 from .backbone import TRAIN_SIZE_DIVISIBILITY, padding_mask
-from .box_ops import box_xyxy_to_cxcywh
-from .consistency import check_aids, check_criterion, check_inputs
-from .criterion import LossBranch, SetCriterion, build_criterion
+from .consistency import check_aids, check_criterion, check_inputs, check_postprocess
+from .criterion import LossBranch, SetCriterion, build_criterion, criterion_targets
 from .feature_cache import FeatureCache
 from .frozen_backbone import FoldedBackbone, has_foldable_frozen_part
+from .heads import MLP
 from .position_encoding import build_position_encoding
-from .postprocessing import (
-    PostprocessOptions,
-    inference_results,
-    instances_results,
-)
-from .segmentation import MASK_HEAD_IN_FEATURES, build_mask_heads, gt_mask_tensor
+from .postprocessing import PostprocessOptions, inference_results, instances_results
+from .segmentation import MASK_HEAD_IN_FEATURES, build_mask_heads, freeze_all_but_mask_heads
 from .training_aids import (
     DecoderQueries,
     TrainingAid,
@@ -62,21 +51,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["Detr", "MLP", "num_aux_layers"]
 
 
-class MLP(nn.Module):
-    """Feed-forward network with ReLU between layers (DETR's box head, paper Sec. 3.2)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        outs = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims, outs))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
-
-
 class _Trunk(NamedTuple):
     """Backbone and projection of a batch: ``features`` (every backbone output), the padding
     ``mask`` [N, H, W], position encoding ``pos`` and ``projected`` features [N, C, H, W]."""
@@ -91,79 +65,52 @@ class _Trunk(NamedTuple):
 class Detr(nn.Module):
     """Backbone -> 1x1 projection -> transformer -> class and box heads, one set per query.
 
-    Training returns the weighted set-prediction losses; inference returns, per image, an
-    ``Instances`` with every query's box, score and class (see :meth:`inference`). With
-    ``mask_on`` it also predicts one mask per query (``bbox_attention`` + ``mask_head``, official
-    names) and can freeze everything else for the official second training stage.
+    Training returns the weighted losses of ``criterion`` over :meth:`loss_branches`; inference
+    returns Detectron2's output dicts (:meth:`inference`). With ``mask_on`` it also predicts one
+    mask per query (``bbox_attention`` + ``mask_head``, official names, on res2..res4).
 
-    Constructor arguments:
-        backbone, in_feature: a Detectron2 backbone and the output the transformer reads.
-        position_embedding: maps a padding mask [N, H, W] to encodings [N, C, H, W].
-        transformer: encoder-decoder of width C = ``transformer.d_model``.
-        num_classes: K; the class head has K + 1 outputs, the last is "no object" (unused by
-            the sigmoid class losses). ``criterion.num_classes`` must be K.
-        num_queries: Q object queries.
-        aux_loss: deep supervision (outputs and losses after every decoder layer) is the
-            transformer's ``return_intermediate_dec``; None follows it, a bool must equal it.
-        criterion: the set-prediction loss (training only); its ``weight_dict`` weights the
-            L - 1 auxiliary layers the transformer supervises (:func:`~.criterion.build_weight_dict`).
-        pixel_mean, pixel_std: per-channel normalization, in ``input_format`` order (0-255).
-        input_format: "RGB" or "BGR" input images; the backbone always receives RGB, as the
-            official (torchvision) weights expect.
-        mask_on: add the mask head (needs the backbone outputs res2, res3, res4).
-        freeze_detr: train only the mask head; everything else is frozen (official stage 2).
-        instance_on, semantic_on, panoptic_on: inference returns ``instances`` (with
-            ``pred_masks`` if ``mask_on``), ``sem_seg`` [K, H, W], ``panoptic_seg`` (both need
-            ``mask_on``).
-        thing_ids: the classes that are things (None: all). Instances are restricted to them,
-            and panoptic segments of other classes are stuff.
-        class_layout: names, thing flags and dataset ids of the K classes (default: numbered
-            names); official checkpoints are remapped to it on load.
-        panoptic_threshold: class probability a query needs to enter the panoptic output.
-        mask_threshold: probability threshold of the binary instance masks.
-        score_activation: how inference turns logits into scores: "softmax" (official), or
-            "sigmoid" exactly when ``criterion.class_loss`` is "focal" or "ia_bce".
+    Arguments that need a word (the parts are documented in their modules, and the constructor
+    checks that they agree, :mod:`.consistency`):
+        num_classes: K; the class head has K + 1 outputs, the last is "no object".
+        input_format: "RGB" or "BGR" images (0-255), the order of ``pixel_mean``/``pixel_std``;
+            the backbone always receives RGB, as the official (torchvision) weights expect.
+        postprocess: what inference returns (default: instances with softmax scores), for the
+            model's K and ``mask_on``; "sigmoid" scores exactly when ``criterion.class_loss`` is
+            "focal" or "ia_bce".
+        class_layout: the K classes' names, thing flags and dataset ids (default: numbered);
+            official checkpoints are remapped to it on load.
         test_precision: dtype of the network in inference (autocast; fp32 post-processing).
-        channels_last: backbone weights and inputs in channels-last (NHWC) memory format.
-        training_aids: training-only parts (:mod:`.training_aids`, box models only), kept
-            under ``train_only``; inference runs without them.
-        checkpoint_init: how a checkpoint of other classes or another query count starts the
-            class head and queries (``MODEL.DETR.INIT``, :mod:`detr_d2.finetune`).
-        feature_cache: training only, the frozen backbone stages' output of each view computed
-            once (``MODEL.DETR.SPEED.FEATURE_CACHE``, :mod:`.feature_cache`), or None.
+        aux_loss: deep supervision is the transformer's ``return_intermediate_dec``; None
+            follows it, a bool must equal it.
+        freeze_detr: train only the mask head (official stage 2).
+        training_aids, checkpoint_init, feature_cache: training only (:mod:`.training_aids`
+            under ``train_only``, :mod:`detr_d2.finetune`, :mod:`.feature_cache`).
     """
 
     @configurable
     def __init__(
         self,
         *,
+        # network
         backbone: Backbone,
         in_feature: str,
         position_embedding: nn.Module,
         transformer: Transformer,
         num_classes: int,
         num_queries: int,
-        aux_loss: bool | None = None,
-        criterion: SetCriterion,
         pixel_mean: tuple[float, ...],
         pixel_std: tuple[float, ...],
         input_format: str = "RGB",
-        # segmentation
         mask_on: bool = False,
-        freeze_detr: bool = False,
-        # inference outputs
-        instance_on: bool = True,
-        semantic_on: bool = False,
-        panoptic_on: bool = False,
-        thing_ids: Sequence[int] | None = None,
-        class_layout: ClassLayout | None = None,
-        panoptic_threshold: float = 0.85,
-        mask_threshold: float = 0.5,
-        score_activation: str = "softmax",
-        # speed
-        test_precision: torch.dtype = torch.float32,
         channels_last: bool = False,
+        # inference
+        postprocess: PostprocessOptions | None = None,
+        class_layout: ClassLayout | None = None,
+        test_precision: torch.dtype = torch.float32,
         # training only
+        criterion: SetCriterion,
+        aux_loss: bool | None = None,
+        freeze_detr: bool = False,
         training_aids: Sequence[TrainingAid] = (),
         checkpoint_init: CheckpointInit | None = None,
         feature_cache: FeatureCache | None = None,
@@ -171,23 +118,23 @@ class Detr(nn.Module):
         """See the class docstring for the arguments."""
         super().__init__()
         let_detectron2_load_official_files()  # official files through Detectron2's loaders
-        mask_outputs = semantic_on or panoptic_on or freeze_detr
-        check_inputs(backbone, in_feature, input_format, mask_on, mask_outputs, score_activation)
-        check_criterion(transformer, criterion, num_classes, aux_loss, score_activation)
+        postprocess = postprocess or PostprocessOptions(num_classes, mask_on)
+        check_inputs(backbone, in_feature, input_format, mask_on, freeze_detr, postprocess)
+        check_criterion(transformer, criterion, num_classes, aux_loss, postprocess.score_activation)
+        check_postprocess(postprocess, num_classes, mask_on)
         check_aids(training_aids, num_classes, mask_on)
         self._build_trunk(backbone, in_feature, position_embedding, transformer, channels_last)
-        self._build_heads(num_classes, num_queries, sigmoid=score_activation == "sigmoid")
+        self._build_heads(num_classes, num_queries, postprocess.score_activation == "sigmoid")
         self.criterion = criterion
-        self._set_normalization(pixel_mean, pixel_std, input_format)
+        self.input_format = input_format
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.mask_on = mask_on
         if mask_on:
             self._build_mask_head(freeze_detr)
-        self.instance_on, self.semantic_on, self.panoptic_on = instance_on, semantic_on, panoptic_on
-        self.thing_ids = None if thing_ids is None else tuple(int(i) for i in thing_ids)
+        self.postprocess = postprocess
         self.class_layout = class_layout or generic_layout(num_classes)
         assert self.class_layout.num_classes == num_classes, "class_layout of other classes"
-        self.panoptic_threshold, self.mask_threshold = panoptic_threshold, mask_threshold
-        self.score_activation = score_activation
         self.test_precision = test_precision
         # parts that exist only for training; the inference model drops them (inference_graph)
         self.train_only = train_only_modules(training_aids)
@@ -196,18 +143,9 @@ class Detr(nn.Module):
             feature_cache.check_backbone(backbone)
         self.feature_cache = feature_cache  # no module: no checkpoint keys, no state to resume
 
-    def _build_trunk(
-        self,
-        backbone: Backbone,
-        in_feature: str,
-        position_embedding: nn.Module,
-        transformer: Transformer,
-        channels_last: bool,
-    ) -> None:
-        self.backbone = backbone
-        self.in_feature = in_feature
-        self.position_embedding = position_embedding
-        self.transformer = transformer
+    def _build_trunk(self, backbone, in_feature, position_embedding, transformer, channels_last):
+        self.backbone, self.in_feature = backbone, in_feature
+        self.position_embedding, self.transformer = position_embedding, transformer
         self.channels_last = channels_last
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
@@ -228,29 +166,14 @@ class Detr(nn.Module):
         self.num_classes = num_classes
         self.num_queries = num_queries
 
-    def _set_normalization(self, pixel_mean, pixel_std, input_format: str) -> None:
-        self.input_format = input_format
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-
-    @property
-    def aux_loss(self) -> bool:
-        """Deep supervision: the transformer returns every decoder layer's output."""
-        return bool(self.transformer.decoder.return_intermediate)
-
     def _build_mask_head(self, freeze_detr: bool) -> None:
         """``bbox_attention`` and ``mask_head`` (official names) on res2..res4 and the
-        transformer's outputs; with ``freeze_detr`` only they train (official stage 2:
-        ``--frozen_weights``), and batch norms become ``FrozenBatchNorm2d`` so that their
-        statistics stay those of the stage-1 model (the official backbone freezes them anyway)."""
+        transformer's outputs; with ``freeze_detr`` only they train (official stage 2)."""
         self.bbox_attention, self.mask_head = build_mask_heads(
             self.backbone.output_shape(), self.transformer.d_model, self.transformer.nhead
         )
         if freeze_detr:
-            self.backbone = FrozenBatchNorm2d.convert_frozen_batchnorm(self.backbone)
-            for name, parameter in self.named_parameters():
-                if not name.startswith(("bbox_attention.", "mask_head.")):
-                    parameter.requires_grad_(False)
+            freeze_all_but_mask_heads(self)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -280,14 +203,8 @@ class Detr(nn.Module):
             "input_format": cfg.INPUT.FORMAT,
             "mask_on": cfg.MODEL.MASK_ON,
             "freeze_detr": detr.FREEZE_DETR,
-            "instance_on": detr.TEST.INSTANCE_ON,
-            "semantic_on": detr.TEST.SEMANTIC_ON,
-            "panoptic_on": detr.TEST.PANOPTIC_ON,
-            "thing_ids": None if layout.all_things else list(layout.thing_ids),
+            "postprocess": PostprocessOptions.from_config(cfg, layout),
             "class_layout": layout,
-            "panoptic_threshold": detr.TEST.PANOPTIC_THRESHOLD,
-            "mask_threshold": detr.TEST.MASK_THRESHOLD,
-            "score_activation": "softmax" if detr.LOSS.CLASS_LOSS == "softmax" else "sigmoid",
             "channels_last": use_channels_last(detr.SPEED.MEMORY_FORMAT, cfg.MODEL.DEVICE),
             "checkpoint_init": CheckpointInit.from_config(cfg, layout.num_classes),
             "feature_cache": FeatureCache.from_config(cfg),
@@ -298,35 +215,29 @@ class Detr(nn.Module):
         return self.pixel_mean.device
 
     @property
+    def aux_loss(self) -> bool:
+        """Deep supervision: the transformer returns every decoder layer's output."""
+        return bool(self.transformer.decoder.return_intermediate)
+
+    @property
     def training_aids(self) -> list[TrainingAid]:
         """The training-only parts under ``train_only``, in the order they run."""
         return aids_in(self.train_only)
 
+    # ---------------------------------------------------------------- checkpoints
     def convert_checkpoint_state_dict(
-        self,
-        state_dict: dict[str, torch.Tensor],
-        class_layout: dict | None = None,
-        **declared,
+        self, state_dict: dict[str, torch.Tensor], class_layout: dict | None = None, **declared
     ) -> dict:
-        """``state_dict`` in this model's layout, checked to fit it
-        (:func:`detr_d2.finetune.fit_state_dict`; ``declared``: what the file says it holds).
-        Detectron2's checkpointers call this before their shape check (see
-        :mod:`detr_d2.compat`)."""
+        """``state_dict`` in this model's layout, checked to fit it (``declared``: what the file
+        says it holds); Detectron2's checkpointers call it before their shape check
+        (:func:`detr_d2.finetune.fit_state_dict`, :mod:`detr_d2.compat`)."""
         return fit_state_dict(self, state_dict, class_layout, **declared)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Old (official DETR) layouts are converted here too, for plain ``load_state_dict``;
         training-only queries the checkpoint lacks start from its object queries."""
-        local = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if is_official_detr_state_dict(local):
-            converted = self.convert_checkpoint_state_dict(local)
-            for key in [k for k in state_dict if k.startswith(prefix)]:
-                del state_dict[key]
-            state_dict.update({prefix + k: v for k, v in converted.items()})
-        if init_learned_queries(self.training_aids, state_dict, prefix, self.query_embed.weight):
-            logger.info(
-                "Training-only query sets initialised from the checkpoint's object queries."
-            )
+        convert_official_in_place(self, state_dict, prefix)
+        init_learned_queries(self.training_aids, state_dict, prefix, self.query_embed.weight)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---------------------------------------------------------------- shared trunk
@@ -401,10 +312,9 @@ class Detr(nn.Module):
         """Training: the criterion's branches, the plain queries' first (:meth:`forward_heads`'
         outputs), then each training aid's, from one pass of the decoder over every query."""
         assert self.training, "loss_branches() runs in training mode; call model.train()"
-        aids = self.training_aids
-        trunk = self._trunk(images)
+        aids, trunk = self.training_aids, self._trunk(images)
         queries = DecoderQueries.assemble(
-            self.query_embed.weight, [aid.queries(targets) for aid in aids]
+            self.query_embed.weight, [a.queries(targets) for a in aids]
         )
         hs, memory = self.transformer(
             trunk.projected,
@@ -444,33 +354,18 @@ class Detr(nn.Module):
         with torch.autocast(self.device.type, enabled=False):
             return self.criterion.branch_losses([b.to_float32() for b in branches])
 
+    def prepare_targets(
+        self, batched_inputs: list[dict], padded_size: tuple[int, int] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """Ground truth in the criterion's format (:func:`~.criterion.criterion_targets`), masks
+        with ``mask_on``."""
+        return criterion_targets(batched_inputs, self.device, self.mask_on, padded_size)
+
     def _test_heads(self, images: ImageList, with_aux: bool) -> dict:
         """``forward_heads`` in ``test_precision``, outputs in fp32 for post-processing."""
         with autocast(self.device.type, self.test_precision):
             outputs = self.forward_heads(images, with_aux=with_aux)
         return to_float32(outputs)
-
-    def prepare_targets(
-        self, batched_inputs: list[dict], padded_size: tuple[int, int] | None = None
-    ) -> list[dict[str, torch.Tensor]]:
-        """Ground truth in the criterion's format: ``labels [G]`` and ``boxes [G, 4]`` cxcywh
-        normalized by the unpadded image size; with ``mask_on`` also ``masks`` (uint8 [G, H, W])
-        zero-padded to ``padded_size`` (default: the image's own size)."""
-        targets = []
-        for x in batched_inputs:
-            instances = x["instances"].to(self.device)
-            height, width = instances.image_size
-            scale = torch.as_tensor(
-                [width, height, width, height], dtype=torch.float32, device=self.device
-            )
-            boxes = box_xyxy_to_cxcywh(instances.gt_boxes.tensor.float() / scale)
-            target = {"labels": instances.gt_classes, "boxes": boxes}
-            if self.mask_on:
-                target["masks"] = gt_mask_tensor(
-                    instances, padded_size or (height, width), self.device
-                )
-            targets.append(target)
-        return targets
 
     @torch.no_grad()
     def predict_raw(self, batched_inputs: list[dict]) -> dict:
@@ -492,24 +387,11 @@ class Detr(nn.Module):
         """
         assert not self.training, "inference() runs in eval mode"
         images = self.preprocess_image(batched_inputs)
-        outputs = self._test_heads(images, with_aux=False)
+        outputs, padded_size = self._test_heads(images, with_aux=False), images.tensor.shape[-2:]
         if not do_postprocess:
-            return instances_results(
-                outputs, self.postprocess_options, images.tensor.shape[-2:], images.image_sizes
-            )
+            return instances_results(outputs, self.postprocess, padded_size, images.image_sizes)
         sizes = [
             (x.get("height", h), x.get("width", w))
             for x, (h, w) in zip(batched_inputs, images.image_sizes)
         ]
-        return inference_results(
-            outputs, self.postprocess_options, images.tensor.shape[-2:], images.image_sizes, sizes
-        )
-
-    @property
-    def postprocess_options(self) -> PostprocessOptions:
-        """What :func:`inference_results` computes from the raw outputs: the model's attributes
-        of the same names (exported models store them in their JSON, so both run identical
-        post-processing)."""
-        return PostprocessOptions(
-            **{f.name: getattr(self, f.name) for f in fields(PostprocessOptions)}
-        )
+        return inference_results(outputs, self.postprocess, padded_size, images.image_sizes, sizes)

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from detectron2.config import CfgNode
 from detectron2.structures import Boxes, Instances
 
+from ..layout import ClassLayout
 from .box_ops import box_cxcywh_to_xyxy
 
 
@@ -271,7 +273,20 @@ def image_sizes_tensor(
 
 @dataclass(frozen=True)
 class PostprocessOptions:
-    """The switches and thresholds of DETR's post-processing (see :class:`Detr` for each)."""
+    """The switches and thresholds of DETR's post-processing (``MODEL.DETR.TEST``), the same for
+    :class:`~detr_d2.modeling.detr.Detr` and exported models (which store them in their JSON).
+
+    Attributes:
+        num_classes, mask_on: K and whether there are mask logits (the model's).
+        instance_on, semantic_on, panoptic_on: return ``instances`` (with ``pred_masks`` if
+            ``mask_on``), ``sem_seg`` [K, H, W], ``panoptic_seg`` (both need ``mask_on``).
+        thing_ids: the classes that are things (None: all). Instances are restricted to them,
+            and panoptic segments of other classes are stuff.
+        panoptic_threshold: class probability a query needs to enter the panoptic output.
+        mask_threshold: probability threshold of the binary instance masks.
+        score_activation: how logits become scores: "softmax" (official), or "sigmoid" for
+            models trained with a sigmoid class loss (see :func:`class_probabilities`).
+    """
 
     num_classes: int
     mask_on: bool = False
@@ -282,6 +297,27 @@ class PostprocessOptions:
     panoptic_threshold: float = 0.85
     mask_threshold: float = 0.5
     score_activation: str = "softmax"
+
+    def __post_init__(self):
+        if self.thing_ids is not None:  # a list from a config or an export's JSON
+            object.__setattr__(self, "thing_ids", tuple(int(i) for i in self.thing_ids))
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, layout: ClassLayout) -> "PostprocessOptions":
+        """The options of ``MODEL.DETR.TEST`` for a model of ``layout``'s classes; the scores of
+        a sigmoid class loss (``MODEL.DETR.LOSS.CLASS_LOSS`` focal / ia_bce) are sigmoids."""
+        test, class_loss = cfg.MODEL.DETR.TEST, cfg.MODEL.DETR.LOSS.CLASS_LOSS
+        return cls(
+            num_classes=layout.num_classes,
+            mask_on=cfg.MODEL.MASK_ON,
+            instance_on=test.INSTANCE_ON,
+            semantic_on=test.SEMANTIC_ON,
+            panoptic_on=test.PANOPTIC_ON,
+            thing_ids=None if layout.all_things else layout.thing_ids,
+            panoptic_threshold=test.PANOPTIC_THRESHOLD,
+            mask_threshold=test.MASK_THRESHOLD,
+            score_activation="softmax" if class_loss == "softmax" else "sigmoid",
+        )
 
 
 def instances_results(

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from detectron2.layers import ShapeSpec
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.structures import BitMasks, Instances, PolygonMasks
 from torch import nn
 
@@ -29,6 +29,7 @@ __all__ = [
     "sigmoid_focal_loss",
     "sigmoid_focal_terms",
     "dice_loss",
+    "freeze_all_but_mask_heads",
 ]
 
 # Backbone maps the head adds back in, coarse to fine (official: layer3, layer2, layer1).
@@ -167,6 +168,16 @@ def build_mask_heads(
         )
     channels = [shapes[f].channels for f in MASK_HEAD_IN_FEATURES]
     return MaskAttentionMap(hidden_dim, nhead), MaskHead(hidden_dim, nhead, channels)
+
+
+def freeze_all_but_mask_heads(model: nn.Module) -> None:
+    """Official stage 2 (``--frozen_weights``): only ``model.bbox_attention`` and
+    ``model.mask_head`` train, and the backbone's batch norms become ``FrozenBatchNorm2d`` so that
+    their statistics stay those of the stage-1 model (the official backbone freezes them anyway)."""
+    model.backbone = FrozenBatchNorm2d.convert_frozen_batchnorm(model.backbone)
+    for name, parameter in model.named_parameters():
+        if not name.startswith(("bbox_attention.", "mask_head.")):
+            parameter.requires_grad_(False)
 
 
 def sigmoid_focal_loss(

@@ -12,6 +12,7 @@ from detr_d2.modeling import Detr
 from detr_d2.modeling.criterion import SetCriterion, build_weight_dict
 from detr_d2.modeling.detr import num_aux_layers
 from detr_d2.modeling.matcher import HungarianMatcher
+from detr_d2.modeling.postprocessing import PostprocessOptions
 from detr_d2.modeling.training_aids import DenseAuxHead
 from detr_d2.modeling.transformer import Transformer
 
@@ -92,7 +93,8 @@ def test_from_config_class_head_matches_the_criterion(class_loss, activation):
     )
     assert model.class_embed.out_features == 6 and model.criterion.num_classes == 5
     assert model.criterion.empty_weight.shape == (6,)
-    assert model.score_activation == activation and model.criterion.class_loss == class_loss
+    assert model.postprocess.score_activation == activation
+    assert model.criterion.class_loss == class_loss
 
 
 def test_direct_construction_with_consistent_arguments():
@@ -104,6 +106,8 @@ def test_direct_construction_with_consistent_arguments():
     assert Detr(**arguments).aux_loss is True  # an explicit, agreeing aux_loss is accepted
     arguments.update(aux_loss=None, transformer=transformer(False), criterion=criterion(0))
     assert Detr(**arguments).aux_loss is False
+    arguments.update(postprocess=None)  # the default: instances with softmax scores
+    assert Detr(**arguments).postprocess == PostprocessOptions(num_classes=3)
 
 
 @pytest.mark.parametrize(
@@ -138,8 +142,12 @@ def test_direct_construction_with_consistent_arguments():
             r"score_activation='softmax' but criterion.class_loss='focal'",
         ),
         (
-            dict(score_activation="sigmoid"),
+            dict(postprocess=PostprocessOptions(3, score_activation="sigmoid")),
             r"score_activation='sigmoid' but criterion.class_loss='softmax'",
+        ),
+        (
+            dict(postprocess=PostprocessOptions(4)),
+            r"postprocess has num_classes=4, mask_on=False but the model num_classes=3",
         ),
         (
             dict(training_aids=[DenseAuxHead(64, 2)]),

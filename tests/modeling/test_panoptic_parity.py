@@ -185,4 +185,4 @@ def test_133_class_remap(upstream):
     index = torch.as_tensor(rows + [250])
     assert torch.equal(model.class_embed.weight, state["detr.class_embed.weight"][index])
     assert torch.equal(model.class_embed.bias, state["detr.class_embed.bias"][index])
-    assert model.thing_ids == tuple(range(80))
+    assert model.postprocess.thing_ids == tuple(range(80))

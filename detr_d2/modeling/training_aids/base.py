@@ -5,6 +5,7 @@ Shapes: N images, Q plain queries, T = Q + the aids' queries, L decoder layers (
 supervision), C hidden dim, K classes.
 """
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,6 +13,8 @@ import torch
 from torch import nn
 
 from ..criterion import LossBranch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -199,7 +202,8 @@ def init_learned_queries(
     """Before ``Detr`` loads ``state_dict``: a checkpoint without the learned training-only
     queries (official, or trained without them) starts them from its own object queries
     (``prefix + "query_embed.weight"``, shaped as ``plain``), so fine-tuning keeps what they
-    learned; one with all of them (resume) loads them as they are. Returns whether it did."""
+    learned (logged); one with all of them (resume) loads them as they are. Returns whether it
+    did."""
     learned = [a for a in aids if isinstance(a, LearnedQueries)]
     keys = [f"{prefix}train_only.{aid.slot}.weight" for aid in learned]
     stored = state_dict.get(prefix + "query_embed.weight")
@@ -208,6 +212,7 @@ def init_learned_queries(
     for aid, key in zip(learned, keys):
         aid.init_from_plain(stored.to(plain))
         state_dict.setdefault(key, aid.weight.detach().clone())
+    logger.info("Training-only query sets initialised from the checkpoint's object queries.")
     return True
 
 
