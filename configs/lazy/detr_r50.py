@@ -30,7 +30,10 @@ from detr_d2.layout import official_coco_layout
 from detr_d2.modeling import Detr, HungarianMatcher, SetCriterion, Transformer
 from detr_d2.modeling.criterion import build_weight_dict
 from detr_d2.modeling.position_encoding import PositionEmbeddingSine
+from detr_d2.precision import attention_in_fp32, use_channels_last
 from detr_d2.solver import clipped_adamw, detr_param_groups
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 model = L(Detr)(
     backbone=L(ResNet)(
@@ -50,6 +53,8 @@ model = L(Detr)(
         dropout=0.1,
         normalize_before=False,
         return_intermediate_dec="${..aux_loss}",
+        # MODEL.DETR.SPEED.ATTENTION_PRECISION "auto"
+        attention_fp32=L(attention_in_fp32)(setting="auto", device=DEVICE),
     ),
     num_classes=80,
     num_queries=100,
@@ -66,6 +71,8 @@ model = L(Detr)(
     pixel_std=[58.395, 57.120, 57.375],
     input_format="RGB",
     class_layout=L(official_coco_layout)(num_classes="${..num_classes}"),
+    # MODEL.DETR.SPEED.MEMORY_FORMAT "auto"
+    channels_last=L(use_channels_last)(setting="auto", device=DEVICE),
 )
 
 # lazyconfig_train_net.py sets optimizer.params.model
@@ -117,7 +124,7 @@ train = dict(
     checkpointer=dict(period=5000, max_to_keep=100),
     eval_period=0,
     log_period=20,
-    device="cuda" if torch.cuda.is_available() else "cpu",
+    device=DEVICE,
 )
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1], milestones=[739200, 924000]),
