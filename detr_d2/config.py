@@ -1,6 +1,11 @@
-"""Config keys of detr_d2, added to a Detectron2 ``CfgNode`` by :func:`add_detr_config`."""
+"""Config keys of detr_d2, added to a Detectron2 ``CfgNode`` by :func:`add_detr_config`, and
+:func:`merge_detr_config_file`, which also reads the YAML files of an earlier release."""
+
+import logging
 
 from detectron2.config import CfgNode as CN
+
+logger = logging.getLogger(__name__)
 
 
 def add_detr_config(cfg: CN) -> None:
@@ -261,13 +266,20 @@ _VALUE_HINTS = {
     "MODEL.DETR.CHANNELS_LAST": 'values "auto", "channels_last", "contiguous"',
     "MODEL.DETR.ATTENTION_FP32": 'values "auto", "fp32", "autocast"',
 }
+# the old switches' values in their new keys' terms: on is the explicit choice, off (their
+# default, same results) lets the hardware choose
+_CONVERT_VALUES = {
+    "MODEL.DETR.CHANNELS_LAST": lambda on: "channels_last" if on else "auto",
+    "MODEL.DETR.ATTENTION_FP32": lambda on: "fp32" if on else "auto",
+}
+_FILE_HINT = "a YAML file of an earlier release loads with detr_d2.config.merge_detr_config_file"
 
 
 def _register_old_keys(cfg: CN) -> None:
     """Register :data:`_RENAMED_KEYS` (a renamed node with each of its keys, so that both YAML
     nesting and ``opts`` lists name the new key) and :data:`_DELETED_KEYS` on ``cfg``."""
     for old, new in _RENAMED_KEYS.items():
-        hint = _VALUE_HINTS.get(old)
+        hint = "; ".join(filter(None, (_VALUE_HINTS.get(old), _FILE_HINT)))
         cfg.register_renamed_key(old, new, message=hint)
         node = _lookup(cfg, new)
         if isinstance(node, CN):
@@ -291,3 +303,43 @@ def _leaf_keys(node: CN, prefix: str = "") -> list[str]:
         else:
             keys.append(prefix + key)
     return keys
+
+
+def merge_detr_config_file(cfg: CN, path: str) -> list[str]:
+    """``cfg.merge_from_file(path)``, also for a file of an earlier release (a ``config.yaml``
+    that training wrote, say): keys that moved into a group are moved to their new place first,
+    with one warning listing them, as Detectron2 upgrades its own old configs. Returns the moves
+    (``"OLD -> NEW"``)."""
+    loaded = cfg.load_yaml_with_base(path, allow_unsafe=True)
+    moves = _move_old_keys(loaded)
+    if not moves or loaded.get("VERSION", cfg.VERSION) != cfg.VERSION:
+        cfg.merge_from_file(path)  # nothing moved, or Detectron2's own upgrade is needed first
+        return []
+    logger.warning(
+        f"{path}: keys of an earlier release read at their new place: {', '.join(moves)}."
+    )
+    cfg.merge_from_other_cfg(type(cfg)(loaded))
+    return moves
+
+
+def _move_old_keys(loaded: dict) -> list[str]:
+    moves = []
+    for old, new in _RENAMED_KEYS.items():
+        *parents, leaf = old.split(".")
+        node = loaded
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        value = _CONVERT_VALUES[old](value) if old in _CONVERT_VALUES else value
+        *new_parents, new_leaf = new.split(".")
+        target = loaded
+        for part in new_parents:
+            target = target.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(target.get(new_leaf), dict):
+            target[new_leaf].update(value)
+        else:
+            target[new_leaf] = value
+        moves.append(f"{old} -> {new}")
+    return moves

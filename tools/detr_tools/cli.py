@@ -15,6 +15,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.utils.logger import setup_logger
 
 from detr_d2 import add_detr_config
+from detr_d2.config import merge_detr_config_file
 from detr_d2.errors import UserInputError
 
 __all__ = ["USER_ERROR_EXIT", "load_config", "run", "setup_logging"]
@@ -30,7 +31,7 @@ def load_config(config_file: str, opts: Sequence[str] = (), freeze: bool = False
     cfg = get_cfg()
     add_detr_config(cfg)
     try:
-        cfg.merge_from_file(config_file)
+        merge_detr_config_file(cfg, config_file)
     except KeyError as e:  # yacs: "Non-existent config key: MODEL.X", or "... was renamed to ..."
         raise UserInputError(f"{config_file}: {_key_error(e)}") from None
     except (ValueError, AssertionError, TypeError) as e:

@@ -389,12 +389,13 @@ def final_weights_ap(run: Path) -> dict[str, dict[str, dict[str, float]]]:
 
     from detr_d2 import add_detr_config
     from detr_d2.checkpoint import safe_torch_load
+    from detr_d2.config import merge_detr_config_file
     from detr_d2.data import register_datasets_from_cfg
     from detr_d2.engine import DetrTrainer, resolve_class_layout
 
     cfg = get_cfg()
     add_detr_config(cfg)
-    cfg.merge_from_file(str(run / "config.yaml"))
+    merge_detr_config_file(cfg, str(run / "config.yaml"))
     register_datasets_from_cfg(cfg)
     resolve_class_layout(cfg)
     checkpoint = safe_torch_load(str(run / "model_final.pth"))
