@@ -145,28 +145,26 @@ def to_float32(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------- hardware-chosen speed switches
-def _device_type(device: str | torch.device) -> str:
-    return torch.device(device).type
+def _explicit_choice(setting: str, key: str, on: str, off: str) -> bool | None:
+    """``setting`` of the switch ``key`` ("auto", ``on`` or ``off``) as a bool; None for auto."""
+    if setting not in ("auto", on, off):
+        raise ValueError(f"{key} must be 'auto', '{on}' or '{off}', got {setting!r}.")
+    return None if setting == "auto" else setting == on
 
 
 def use_channels_last(setting: str, device: str | torch.device) -> bool:
     """``MODEL.DETR.SPEED.MEMORY_FORMAT``: "auto" is channels-last on CPUs (oneDNN's NHWC
-    convolutions: the sample's fp32 training step 1.16x faster, R50 inference 1.7x with folded
-    batch norms, docs/benchmarks.md) and on GPUs with tensor cores (compute capability 7+,
-    where cuDNN's tensor-core convolutions want NHWC), contiguous elsewhere."""
-    if setting not in ("auto", "channels_last", "contiguous"):
-        raise ValueError(
-            "MODEL.DETR.SPEED.MEMORY_FORMAT must be 'auto', 'channels_last' or 'contiguous', "
-            f"got {setting!r}."
-        )
-    if setting != "auto":
-        return setting == "channels_last"
+    convolutions: the sample's fp32 training step 1.16x faster, the R50 one 1.135x,
+    docs/benchmarks.md) and on GPUs with tensor cores (compute capability 7+, where cuDNN's
+    tensor-core convolutions want NHWC), contiguous elsewhere."""
+    key = "MODEL.DETR.SPEED.MEMORY_FORMAT"
+    explicit = _explicit_choice(setting, key, "channels_last", "contiguous")
+    if explicit is not None:
+        return explicit
     device = torch.device(device)
-    if device.type == "cpu":
-        return True
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_capability(device)[0] >= 7
-    return False
+    return device.type == "cpu"
 
 
 def attention_in_fp32(setting: str, device: str | torch.device) -> bool:
@@ -174,11 +172,8 @@ def attention_in_fp32(setting: str, device: str | torch.device) -> bool:
     inside a bf16/fp16 autocast region. "auto": on CPUs without AMX, where PyTorch's bf16
     flash-attention kernel is 1.5-6x slower than its fp32 one at DETR's sizes; elsewhere the
     autocast dtype."""
-    if setting not in ("auto", "fp32", "autocast"):
-        raise ValueError(
-            "MODEL.DETR.SPEED.ATTENTION_PRECISION must be 'auto', 'fp32' or 'autocast', "
-            f"got {setting!r}."
-        )
-    if setting != "auto":
-        return setting == "fp32"
-    return _device_type(device) == "cpu" and not cpu_has_amx()
+    key = "MODEL.DETR.SPEED.ATTENTION_PRECISION"
+    explicit = _explicit_choice(setting, key, "fp32", "autocast")
+    if explicit is not None:
+        return explicit
+    return torch.device(device).type == "cpu" and not cpu_has_amx()

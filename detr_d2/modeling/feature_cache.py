@@ -33,7 +33,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from ..data.augmentation import DetrResizeShortestEdge
-from ..precision import precision_dtype, use_channels_last
+from ..precision import precision_dtype
 from .backbone import TRAIN_SIZE_DIVISIBILITY
 from .frozen_backbone import FoldedBackbone, has_foldable_frozen_part, weights_key
 
@@ -91,18 +91,13 @@ class FeatureCache:
     ``backbone(images.tensor)`` returns them) in training, with the frozen stages' output of
     each view computed once (``MODEL.DETR.SPEED.FEATURE_CACHE``)."""
 
-    def __init__(self, *, max_bytes: int, size_divisibility: int = 0, channels_last: bool = False):
+    def __init__(self, *, max_bytes: int):
         """
         Args:
             max_bytes: memory budget; the cache never holds more (later views are computed
                 each time, with one warning).
-            size_divisibility: each image is padded to a multiple of this (and of the
-                backbone's own) before the frozen stages, as the training batches are.
-            channels_last: run the frozen stages on channels-last inputs (``SPEED.MEMORY_FORMAT``).
         """
         self.max_bytes = int(max_bytes)
-        self.size_divisibility = size_divisibility
-        self.channels_last = channels_last
         self._entries: dict[tuple, dict[str, torch.Tensor]] = {}
         self._weights: tuple | None = None
         self.bytes = 0
@@ -127,11 +122,7 @@ class FeatureCache:
             raise ValueError(
                 f"MODEL.DETR.SPEED.FEATURE_CACHE.MAX_MEMORY_GB must be > 0, got {node.MAX_MEMORY_GB}."
             )
-        return cls(
-            max_bytes=int(node.MAX_MEMORY_GB * _GB),
-            size_divisibility=TRAIN_SIZE_DIVISIBILITY,
-            channels_last=use_channels_last(cfg.MODEL.DETR.SPEED.MEMORY_FORMAT, cfg.MODEL.DEVICE),
-        )
+        return cls(max_bytes=int(node.MAX_MEMORY_GB * _GB))
 
     def check_backbone(self, backbone: nn.Module) -> None:
         """Raise ValueError unless ``backbone`` is a ResNet with frozen leading stages."""
@@ -145,11 +136,7 @@ class FeatureCache:
 
     def __deepcopy__(self, memo) -> "FeatureCache":
         # copies of the model (EMA, inference graph) start empty instead of copying gigabytes
-        return FeatureCache(
-            max_bytes=self.max_bytes,
-            size_divisibility=self.size_divisibility,
-            channels_last=self.channels_last,
-        )
+        return FeatureCache(max_bytes=self.max_bytes)
 
     def __repr__(self) -> str:
         return (
@@ -181,14 +168,15 @@ class FeatureCache:
         network = folded.network(backbone) if has_foldable_frozen_part(backbone) else backbone
         frozen = frozen_stages(network)
         assert frozen, "the feature cache needs frozen backbone stages (check_backbone)"
-        divisibility = max(backbone.size_divisibility, self.size_divisibility)
+        # each image padded as the training batches are (Detr.preprocess_image)
+        divisibility = max(backbone.size_divisibility, TRAIN_SIZE_DIVISIBILITY)
         per_image = []
         for index, (height, width) in enumerate(images.image_sizes):
             if divisibility > 1:
                 height = math.ceil(height / divisibility) * divisibility
                 width = math.ceil(width / divisibility) * divisibility
             pixels = images.tensor[index : index + 1, :, :height, :width]  # [1, 3, h, w]
-            per_image.append(self._frozen_features(network, frozen, pixels))
+            per_image.append(self._frozen_features(network, frozen, pixels, folded.channels_last))
         batch = {name: _stack_padded([f[name] for f in per_image]) for name in per_image[0]}
         outputs = {name: value for name, value in batch.items() if name in network._out_features}
         x = batch[frozen[-1]]
@@ -201,9 +189,10 @@ class FeatureCache:
         return outputs
 
     def _frozen_features(
-        self, network: ResNet, frozen: list[str], pixels: torch.Tensor
+        self, network: ResNet, frozen: list[str], pixels: torch.Tensor, channels_last: bool
     ) -> dict[str, torch.Tensor]:
-        """The cached outputs of the frozen stages for one view [1, 3, h, w]."""
+        """The cached outputs of the frozen stages for one view [1, 3, h, w] (on channels-last
+        pixels when the model's backbone is channels-last)."""
         pixels = pixels.contiguous()
         digest = hashlib.blake2b(pixels.cpu().view(torch.uint8).numpy(), digest_size=16)
         key = (tuple(pixels.shape), _autocast_state(pixels.device.type), digest.digest())
@@ -212,7 +201,7 @@ class FeatureCache:
             self.hits += 1
             return entry
         self.misses += 1
-        if self.channels_last:
+        if channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         wanted = _cached_names(network, frozen)
         entry = {}
@@ -271,7 +260,7 @@ def check_feature_cache(
     element_size = torch.empty((), dtype=dtype).element_size()
     sizes = sorted(set(cfg.INPUT.MIN_SIZE_TRAIN))
     flips = 1 if cfg.INPUT.RANDOM_FLIP == "none" else 2
-    divisibility = max(backbone.size_divisibility, cache.size_divisibility)
+    divisibility = max(backbone.size_divisibility, TRAIN_SIZE_DIVISIBILITY)
     total = 0
     for record in dataset_dicts:
         for height, width in _view_shapes(record, sizes, cfg.INPUT.MAX_SIZE_TRAIN, divisibility):
